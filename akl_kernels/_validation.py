@@ -1,0 +1,136 @@
+"""Argument checks shared by every public entry point (SPEC section 3).
+
+Every check runs before any work and raises TypeError / ValueError naming the argument; no
+input is modified.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import os
+from dataclasses import dataclass
+
+import torch
+
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+REDUCTIONS = ("mean", "sum", "none")
+BACKENDS = ("auto", "torch", "triton")
+DIVERGENCES = ("fkl", "rkl", "akl")
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Everything a backend needs besides the tensors."""
+
+    kind: str  # "fkl", "rkl" or "akl"
+    mu: float = 0.5
+    include_crossing: bool = False
+    temperature: float = 1.0
+
+    @property
+    def needs_head_split(self) -> bool:
+        return self.kind == "akl"
+
+
+def _check_logits(name: str, logits) -> None:
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(logits).__name__}")
+    if logits.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(
+            f"{name} must be float32, bfloat16, float16 or float64, got {logits.dtype}"
+        )
+    if logits.dim() < 1:
+        raise ValueError(f"{name} must have at least one dimension (the vocabulary), got a scalar")
+    if logits.shape[-1] < 1:
+        raise ValueError(f"{name} has an empty vocabulary dimension (V = 0)")
+
+
+def check_logit_pair(student_logits, teacher_logits) -> None:
+    _check_logits("student_logits", student_logits)
+    _check_logits("teacher_logits", teacher_logits)
+    if student_logits.shape[-1] != teacher_logits.shape[-1]:
+        raise ValueError(
+            "student_logits and teacher_logits must share the vocabulary size V, got "
+            f"{student_logits.shape[-1]} and {teacher_logits.shape[-1]}"
+        )
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            "teacher_logits must have the shape of student_logits, got "
+            f"{tuple(teacher_logits.shape)} and {tuple(student_logits.shape)}"
+        )
+    if student_logits.device != teacher_logits.device:
+        raise ValueError(
+            "student_logits and teacher_logits must be on one device, got "
+            f"{student_logits.device} and {teacher_logits.device}"
+        )
+    if teacher_logits.requires_grad and torch.is_grad_enabled():
+        raise ValueError(
+            "teacher_logits requires grad: the teacher is not differentiated here; pass "
+            "teacher_logits.detach() or compute the teacher under torch.no_grad()"
+        )
+
+
+def check_options(*, mu, include_crossing, temperature) -> None:
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
+        raise TypeError(f"temperature must be a real number, got {type(temperature).__name__}")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be finite and > 0, got {temperature}")
+    if isinstance(mu, bool) or not isinstance(mu, numbers.Real):
+        raise TypeError(f"mu must be a real number, got {type(mu).__name__}")
+    if not (0.0 < mu <= 1.0):
+        raise ValueError(f"mu must lie in (0, 1], got {mu}")
+    if not isinstance(include_crossing, bool):
+        raise TypeError(f"include_crossing must be a bool, got {type(include_crossing).__name__}")
+
+
+def check_reduction(reduction) -> None:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+
+
+def check_labels(labels, student_logits, ignore_index) -> None:
+    if labels is None:
+        return
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels must be a torch.Tensor or None, got {type(labels).__name__}")
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
+    if tuple(labels.shape) != tuple(student_logits.shape[:-1]):
+        raise ValueError(
+            "labels must have the leading shape of the logits "
+            f"{tuple(student_logits.shape[:-1])}, got {tuple(labels.shape)}"
+        )
+    if labels.device != student_logits.device:
+        raise ValueError(
+            f"labels must be on the logits' device {student_logits.device}, got {labels.device}"
+        )
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+
+
+def triton_interpreter_enabled() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def resolve_backend(backend, student_logits, teacher_logits) -> str:
+    """'auto' -> 'triton' for CUDA tensors of float32/bf16/fp16, else 'torch'."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    triton_dtypes_ok = (
+        student_logits.dtype != torch.float64 and teacher_logits.dtype != torch.float64
+    )
+    if backend == "auto":
+        return "triton" if student_logits.is_cuda and triton_dtypes_ok else "torch"
+    if backend == "triton":
+        if not triton_dtypes_ok:
+            raise TypeError(
+                "backend='triton' takes float32, bfloat16 or float16 logits; float64 runs on "
+                "backend='torch'"
+            )
+        if not student_logits.is_cuda and not triton_interpreter_enabled():
+            raise ValueError(
+                "backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for the CPU "
+                f"interpreter), got tensors on {student_logits.device}"
+            )
+    return backend

@@ -1,0 +1,100 @@
+"""Ahead-of-time compilation of every kernel specialisation, no GPU needed.
+
+The Triton interpreter forgives what the compiler rejects (types, layouts, register limits).
+``check_all`` builds each specialisation that ``backend="triton"`` can launch for sm_80 and
+sm_90 with Triton's bundled ptxas and prints, as JSON lines, the registers, stack, local and
+shared memory of each (read with the bundled cuobjdump): ``python -m akl_kernels.kernels.aot``
+(with TRITON_INTERPRET unset; the interpreter's kernels cannot be compiled).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import re
+import subprocess
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from akl_kernels.autograd import N_ROW_STATS
+from akl_kernels.kernels import heuristics
+from akl_kernels.kernels.backward import _divergence_grad_kernel
+from akl_kernels.kernels.forward import _divergence_forward_kernel
+
+LOGIT_TYPES = ("fp32", "bf16", "fp16")
+
+
+def _forward_source(s_type, t_type, head_split, launch):
+    signature = {
+        "s_ptr": f"*{s_type}", "t_ptr": f"*{t_type}", "valid_ptr": "*i8", "loss_ptr": "*fp32",
+        "stats_ptr": "*fp32", "head_ptr": "*fp32", "count_ptr": "*i32", "V": "i32",
+        "stride_s": "i32", "stride_t": "i32", "inv_t": "fp32", "fkl_weight": "fp32",
+        "mu": "fp32", "span": "fp32", "include_crossing": "i32",
+        "HEAD_SPLIT": "constexpr", "BLOCK": "constexpr", "SEARCH_BLOCK": "constexpr",
+        "PIVOTS": "constexpr", "N_STATS": "constexpr",
+    }
+    constexprs = dict(HEAD_SPLIT=head_split, BLOCK=launch["BLOCK"], N_STATS=N_ROW_STATS,
+                      SEARCH_BLOCK=launch["SEARCH_BLOCK"], PIVOTS=launch["PIVOTS"])
+    return ASTSource(_divergence_forward_kernel, signature, constexprs=constexprs)
+
+
+def _backward_source(s_type, t_type, launch):
+    signature = {
+        "s_ptr": f"*{s_type}", "t_ptr": f"*{t_type}", "stats_ptr": "*fp32", "coef_ptr": "*fp32",
+        "grad_ptr": f"*{s_type}", "V": "i32", "stride_s": "i32", "stride_t": "i32",
+        "inv_t": "fp32", "BLOCK": "constexpr", "N_STATS": "constexpr",
+    }
+    constexprs = dict(BLOCK=launch["BLOCK"], N_STATS=N_ROW_STATS)
+    return ASTSource(_divergence_grad_kernel, signature, constexprs=constexprs)
+
+
+def specialisations():
+    """(name, ASTSource, num_warps) for every launch the heuristics can produce, every dtype."""
+    forward_launches, backward_launches = heuristics.launch_space()
+    pairs = list(itertools.product(LOGIT_TYPES, LOGIT_TYPES))
+    for (head, launch), (s, t) in itertools.product(forward_launches, pairs):
+        name = f"forward[{s},{t},head_split={head},BLOCK={launch['BLOCK']}]"
+        yield name, _forward_source(s, t, head, launch), launch["num_warps"]
+    for launch, (s, t) in itertools.product(backward_launches, pairs):
+        name = f"grad[{s},{t},BLOCK={launch['BLOCK']}]"
+        yield name, _backward_source(s, t, launch), launch["num_warps"]
+
+
+def compile_for(source, num_warps, arch):
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32),
+                          options=dict(num_warps=num_warps))
+
+
+def resource_usage(compiled) -> dict:
+    """Registers, stack and shared memory of a compiled kernel, read from its cubin."""
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
+                             "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(compiled.asm["cubin"])
+        cubin.flush()
+        out = subprocess.run([cuobjdump, "--dump-resource-usage", cubin.name],
+                             capture_output=True, text=True, check=True).stdout
+    fields = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", out))
+    return {k.lower(): int(v) for k, v in fields.items()}
+
+
+def check_all(archs=(80, 90)):
+    """Compile everything; one JSON line per (specialisation, arch) with its resources or error."""
+    for name, source, warps in specialisations():
+        for arch in archs:
+            record = dict(kernel=name, arch=arch, num_warps=warps)
+            try:
+                record.update(resource_usage(compile_for(source, warps, arch)))
+            except Exception as exc:  # reported, and failed by tests/test_aot_compile.py
+                record["error"] = f"{type(exc).__name__}: {exc}"[-2000:]
+            print(json.dumps(record), flush=True)
+
+
+if __name__ == "__main__":
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise SystemExit("unset TRITON_INTERPRET: the interpreter cannot compile kernels")
+    check_all()

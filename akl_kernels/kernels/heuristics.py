@@ -1,0 +1,61 @@
+"""Block sizes and warps per vocabulary size (a documented heuristic instead of autotuning).
+
+Autotuning would time every configuration on the first call of each new V and sync the host.
+These are the settings measured best on an H100 (benchmarks/results/h100-sweep, N = 16384,
+V = 128256, bf16), capped for small V:
+- FKL / RKL forward (the statistics sweep alone): 1024-wide chunks, 4 warps (5.2 ms against
+  5.6 ms at 2048 x 8 and 6.7 ms at 16 warps);
+- AKL forward: 2048-wide chunks at 8 warps for the statistics and gap sweeps, and a head search
+  with PIVOTS = 4 over 1024-wide chunks (61 ms against 108 ms with 8 pivots and 69 ms with 2);
+- the gradient kernel is elementwise: 2048-wide chunks, 4 warps (flat from 1024 to 8192).
+"""
+
+import triton
+
+ROW_BLOCK = 2048
+STATS_ONLY_BLOCK = 1024
+SEARCH_BLOCK = 1024
+PIVOTS = 4
+# Benchmarks sweep launch settings by filling these (keys as in the dicts returned below).
+FORWARD_OVERRIDES: dict = {}
+BACKWARD_OVERRIDES: dict = {}
+
+
+MIN_BLOCK = 128  # smaller rows run masked: fewer specialisations to compile and to test
+
+
+def _block(vocab: int, cap: int) -> int:
+    return max(MIN_BLOCK, min(cap, triton.next_power_of_2(vocab)))
+
+
+def _warps(block: int) -> int:
+    return 8 if block >= 1024 else 4
+
+
+def forward_launch(vocab: int, head_split: bool) -> dict:
+    if not head_split:
+        launch = dict(BLOCK=_block(vocab, STATS_ONLY_BLOCK), SEARCH_BLOCK=MIN_BLOCK, PIVOTS=PIVOTS,
+                      num_warps=4)
+    else:
+        block = _block(vocab, ROW_BLOCK)
+        launch = dict(BLOCK=block, SEARCH_BLOCK=_block(vocab, SEARCH_BLOCK), PIVOTS=PIVOTS,
+                      num_warps=_warps(block))
+    return {**launch, **FORWARD_OVERRIDES}
+
+
+def backward_launch(vocab: int) -> dict:
+    return {**dict(BLOCK=_block(vocab, 2048), num_warps=4), **BACKWARD_OVERRIDES}
+
+
+def launch_space():
+    """Every (head_split, forward launch) and backward launch the heuristic can produce."""
+    blocks = []
+    block = MIN_BLOCK
+    while block <= max(ROW_BLOCK, STATS_ONLY_BLOCK, 2048):
+        blocks.append(block)
+        block *= 2
+    forward = {(head, tuple(sorted(forward_launch(b, head).items())))
+               for b in blocks for head in (False, True)}
+    backward = {tuple(sorted(backward_launch(b).items())) for b in blocks}
+    return ([(head, dict(x)) for head, x in sorted(forward)],
+            [dict(x) for x in sorted(backward)])

@@ -1,0 +1,207 @@
+"""The passes over one row of ``V`` logits that every kernel is built from.
+
+A program owns one row and sweeps it in ``BLOCK``-wide chunks; each helper below is one sweep:
+
+- ``softmax_kl_stats``: online max / sum-exp of both models plus the running FKL and RKL
+  numerators (reads s and t once);
+- ``head_threshold``: the exact AKL crossing value ``u*`` of the teacher, by a bracketed
+  ``PIVOTS``-ary search over the teacher's float values (reads t a few times, no sort);
+- ``head_gaps``: ``sum |p - q|`` on the head and the tail (reads s and t once);
+- ``load_scaled``: one chunk of logits as float32 divided by T (-inf past the row's end).
+
+See docs/kernels.md for the bytes each pass moves.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def load_scaled(row_ptr, offs, V, inv_t):
+    x = tl.load(row_ptr + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
+    # "+ 0.0" turns -0.0 into +0.0: equal logits must compare and key as equal.
+    return x * inv_t + 0.0
+
+
+@triton.jit
+def _poisoned(z):
+    return (z != z) | (z == float("inf"))
+
+
+@triton.jit
+def softmax_kl_stats(s_row, t_row, V, inv_t, BLOCK: tl.constexpr):
+    """Returns (m_s, sum_s, m_t, sum_t, fkl, rkl, p_c, q_c, bad) for one row.
+
+    With d = (zt - m_t) - (zs - m_s) on the contributing set C (both logits > -inf):
+    FKL = sum_C e_t d / sum_t + log(sum_s / sum_t) P_C and
+    RKL = -sum_C e_s d / sum_s + log(sum_t / sum_s) Q_C. Keeping d relative to the running
+    maxima (and shifting the sums when a maximum moves) avoids cancelling two large terms.
+    Each lane keeps its own partial sums (rescaled by the chunk-uniform maxima), so a chunk
+    costs two cross-warp max reductions; the sums are reduced once at the end.
+    P_C is formed as 1 - (mass outside C) / sum_t, exactly 1 when every position contributes.
+    """
+    neg_inf = float("-inf")
+    m_s = tl.full([], neg_inf, tl.float32)
+    m_t = tl.full([], neg_inf, tl.float32)
+    sum_s = tl.zeros([BLOCK], tl.float32)
+    sum_t = tl.zeros([BLOCK], tl.float32)
+    a_fkl = tl.zeros([BLOCK], tl.float32)  # sum_C e_t d
+    b_rkl = tl.zeros([BLOCK], tl.float32)  # -sum_C e_s d
+    p_out = tl.zeros([BLOCK], tl.float32)  # e_t outside C
+    q_out = tl.zeros([BLOCK], tl.float32)  # e_s outside C
+    bad = tl.zeros([BLOCK], tl.int32)
+    for start in range(0, V, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        zs = load_scaled(s_row, offs, V, inv_t)
+        zt = load_scaled(t_row, offs, V, inv_t)
+        bad |= (_poisoned(zs) | _poisoned(zt)).to(tl.int32)
+        new_ms = tl.maximum(m_s, tl.max(zs))
+        new_mt = tl.maximum(m_t, tl.max(zt))
+        # An all -inf prefix has max -inf; exponents are taken against 0 then (sums stay 0).
+        ref_s = tl.where(new_ms == neg_inf, 0.0, new_ms)
+        ref_t = tl.where(new_mt == neg_inf, 0.0, new_mt)
+        alpha_s = tl.exp(m_s - ref_s)
+        alpha_t = tl.exp(m_t - ref_t)
+        both_seen = (m_s != neg_inf) & (m_t != neg_inf)
+        shift = tl.where(both_seen, (ref_t - m_t) - (ref_s - m_s), 0.0)
+        e_s = tl.exp(zs - ref_s)
+        e_t = tl.exp(zt - ref_t)
+        contributing = (zs != neg_inf) & (zt != neg_inf)
+        d = tl.where(contributing, (zt - ref_t) - (zs - ref_s), 0.0)
+        a_fkl = alpha_t * (a_fkl - shift * (sum_t - p_out)) + e_t * d
+        b_rkl = alpha_s * (b_rkl + shift * (sum_s - q_out)) - e_s * d
+        p_out = alpha_t * p_out + tl.where(contributing, 0.0, e_t)
+        q_out = alpha_s * q_out + tl.where(contributing, 0.0, e_s)
+        sum_s = alpha_s * sum_s + e_s
+        sum_t = alpha_t * sum_t + e_t
+        m_s = new_ms
+        m_t = new_mt
+    total_s = tl.sum(sum_s)
+    total_t = tl.sum(sum_t)
+    log_ratio = tl.log(total_s) - tl.log(total_t)
+    p_c = 1.0 - tl.sum(p_out) / total_t
+    q_c = 1.0 - tl.sum(q_out) / total_s
+    fkl = tl.sum(a_fkl) / total_t + log_ratio * p_c
+    rkl = tl.sum(b_rkl) / total_s - log_ratio * q_c
+    return m_s, total_s, m_t, total_t, fkl, rkl, p_c, q_c, tl.max(bad)
+
+
+@triton.jit
+def float_key(x):
+    """float32 -> int32 whose signed order is the float order (-inf smallest)."""
+    bits = x.to(tl.int32, bitcast=True)
+    return tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+
+
+@triton.jit
+def key_float(key):
+    """Inverse of ``float_key``."""
+    key = key.to(tl.int32)
+    bits = tl.where(key >= 0, key, key ^ 0x7FFFFFFF)
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _search_pivots(ka, kb, PIVOTS: tl.constexpr):
+    """PIVOTS increasing int64 keys in [ka, kb), the first equal to ka.
+
+    Pivots are spread evenly in *value* between the bracket's ends (fast on real logits), then
+    clamped so that each bucket loses at least one key (progress even when values collide).
+    """
+    j = tl.arange(0, PIVOTS)
+    a_val = key_float(ka)
+    b_val = key_float(kb - 1)
+    frac = j.to(tl.float32) / PIVOTS
+    k_val = float_key(a_val + (b_val - a_val) * frac).to(tl.int64)
+    j64 = j.to(tl.int64)
+    wide = (kb - ka) >= PIVOTS
+    clamped = tl.minimum(tl.maximum(k_val, ka + j64), kb - PIVOTS + j64)
+    return tl.where(wide, clamped, tl.minimum(ka + j64, kb))
+
+
+@triton.jit
+def head_threshold(t_row, V, inv_t, m_t, mu, span, BLOCK: tl.constexpr, PIVOTS: tl.constexpr):
+    """The crossing value u* of the AKL split, the mass strictly above it, and thr.
+
+    Masses are of e = exp(zt - m_t); thr = mu * sum(e), summed in the first sweep exactly as
+    the pivot masses are (so the comparisons below are consistent). u* is the largest teacher
+    value with mass(zt >= u*) > thr. Invariant: u* lies in the key bracket [ka, kb) and
+    ``above`` is the mass of keys >= kb. Each sweep sums the mass at or above PIVOTS pivots
+    (per lane, one reduction per sweep), keeps the bucket that holds u*, and shrinks it to the
+    present values seen in the old bracket; the search ends when one key is left. ``span``
+    bounds m_t - u* (see head_split.py).
+    """
+    j = tl.arange(0, PIVOTS)
+    ka = float_key(m_t - span).to(tl.int64)
+    kb = float_key(m_t).to(tl.int64) + 1
+    above = tl.zeros([], tl.float64)
+    thr = tl.zeros([], tl.float64)
+    first = tl.full([], 1, tl.int32)
+    done = tl.zeros([], tl.int32)
+    while done == 0:
+        pivot_keys = _search_pivots(ka, kb, PIVOTS)
+        pivots = key_float(pivot_keys)
+        lo_val = key_float(ka)
+        hi_val = key_float(kb - 1)
+        lane_mass = tl.zeros([BLOCK, PIVOTS], tl.float32)
+        lane_total = tl.zeros([BLOCK], tl.float32)
+        lane_min = tl.full([BLOCK], float("inf"), tl.float32)
+        lane_max = tl.full([BLOCK], float("-inf"), tl.float32)
+        for start in range(0, V, BLOCK):
+            zt = load_scaled(t_row, start + tl.arange(0, BLOCK), V, inv_t)
+            e = tl.exp(zt - m_t)
+            lane_total += e
+            lane_mass += tl.where(zt[:, None] >= pivots[None, :], e[:, None], 0.0)
+            inside = (zt >= lo_val) & (zt <= hi_val)
+            lane_min = tl.minimum(lane_min, tl.where(inside, zt, float("inf")))
+            lane_max = tl.maximum(lane_max, tl.where(inside, zt, float("-inf")))
+        mass_ge = tl.sum(lane_mass.to(tl.float64), axis=0)
+        thr = tl.where(first == 1, tl.sum(lane_total.to(tl.float64)) * mu, thr)
+        first = tl.zeros([], tl.int32)
+        present_min = tl.min(lane_min)
+        present_max = tl.max(lane_max)
+        # The bucket holding u*: the last pivot whose mass at-or-above still exceeds thr.
+        pick = tl.maximum(tl.sum((mass_ge > thr).to(tl.int32)) - 1, 0)
+        last = pick == PIVOTS - 1
+        new_ka = tl.sum(tl.where(j == pick, pivot_keys, 0))
+        new_kb = tl.where(last, kb, tl.sum(tl.where(j == pick + 1, pivot_keys, 0)))
+        above = tl.where(last, above, tl.sum(tl.where(j == pick + 1, mass_ge, 0.0)))
+        # No value of the old bracket lies outside [present_min, present_max].
+        new_ka = tl.maximum(new_ka, float_key(present_min).to(tl.int64))
+        new_kb = tl.minimum(new_kb, float_key(present_max).to(tl.int64) + 1)
+        ka = new_ka
+        kb = tl.maximum(new_kb, new_ka + 1)  # only inconsistent rounding could cross them
+        done = (kb - ka <= 1).to(tl.int32)
+    return key_float(ka), above, thr
+
+
+@triton.jit
+def head_gaps(
+    s_row, t_row, V, inv_t, m_s, logz_s, m_t, logz_t, u_star, n_ties, BLOCK: tl.constexpr
+):
+    """(head_gap, tail_gap, head_count, head_mass): head = {zt > u*} + first n_ties at u*."""
+    head_gap = tl.zeros([BLOCK], tl.float32)
+    tail_gap = tl.zeros([BLOCK], tl.float32)
+    head_mass = tl.zeros([BLOCK], tl.float32)
+    head_count = tl.zeros([BLOCK], tl.int32)
+    ties_before = tl.zeros([], tl.int32)
+    for start in range(0, V, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        in_row = offs < V
+        zs = load_scaled(s_row, offs, V, inv_t)
+        zt = load_scaled(t_row, offs, V, inv_t)
+        p = tl.exp((zt - m_t) - logz_t)
+        err = tl.abs(p - tl.exp((zs - m_s) - logz_s))
+        tie = (zt == u_star) & in_row
+        tie_i = tie.to(tl.int32)
+        block_ties = tl.sum(tie_i)
+        head = (zt > u_star) & in_row
+        if block_ties > 0:  # ranks (a scan) only where u* occurs: ties enter in index order
+            tie_rank = ties_before + tl.cumsum(tie_i, axis=0) - 1
+            head = head | (tie & (tie_rank < n_ties))
+        ties_before += block_ties
+        head_gap += tl.where(head, err, 0.0)
+        tail_gap += tl.where(head, 0.0, err)
+        head_mass += tl.where(head, p, 0.0)
+        head_count += head.to(tl.int32)
+    return tl.sum(head_gap), tl.sum(tail_gap), tl.sum(head_count), tl.sum(head_mass)

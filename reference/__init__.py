@@ -1,0 +1,31 @@
+"""The truth the library is tested against (SPEC section 5).
+
+``definition`` is a readable, sort-based, float64 restatement of SPEC section 2;
+``official`` restates the algorithm of the AKL paper's published code (float32,
+unstable sort) so its agreement with ``definition`` on tie-free inputs can be shown.
+Neither is fast or memory-lean; that is the point of the package.
+"""
+
+from reference.definition import (
+    ReferenceHeadTailStats,
+    reference_akl,
+    reference_fkl,
+    reference_head_mask,
+    reference_head_tail_stats,
+    reference_loss,
+    reference_rkl,
+)
+from reference.official import official_akl, official_fkl, official_rkl
+
+__all__ = [
+    "ReferenceHeadTailStats",
+    "official_akl",
+    "official_fkl",
+    "official_rkl",
+    "reference_akl",
+    "reference_fkl",
+    "reference_head_mask",
+    "reference_head_tail_stats",
+    "reference_loss",
+    "reference_rkl",
+]

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The project's one entry point; it sets up a fresh machine by itself (a virtual environment in
+# .venv, the CPU build of torch when no torch is installed, this package and its extras).
+#   ./run.sh test [pytest args]      the test suite (what CI runs)
+#   ./run.sh report [report args]    the main job: the parity-and-speed report on this machine
+# AKL_TORCH_SPEC overrides how torch is installed, e.g.
+#   AKL_TORCH_SPEC="torch --index-url https://download.pytorch.org/whl/cpu" ./run.sh test
+set -euo pipefail
+cd "$(dirname "$0")"
+VENV="${AKL_VENV:-.venv}"
+if [ ! -x "$VENV/bin/python" ]; then
+  "${PYTHON:-python3}" -m venv "$VENV"
+fi
+if ! "$VENV/bin/python" -c "import torch" >/dev/null 2>&1; then
+  # On this project's machines torch==2.13.0 is the CPU wheel kept on local disk.
+  # shellcheck disable=SC2086
+  "$VENV/bin/python" -m pip install ${AKL_TORCH_SPEC:-torch==2.13.0}
+fi
+"$VENV/bin/python" -m pip install --quiet -e ".[test,bench]"
+command="${1:-}"
+shift || true
+case "$command" in
+  test) exec "$VENV/bin/python" -m pytest "$@" ;;
+  report) exec "$VENV/bin/python" -m benchmarks.report "$@" ;;
+  *) echo "usage: ./run.sh test|report [args]" >&2; exit 2 ;;
+esac

@@ -1,0 +1,68 @@
+"""Input builders and comparisons shared by the tests."""
+
+from __future__ import annotations
+
+import torch
+
+import reference
+from tests.conftest import DEVICE
+
+
+def logits(gen, shape, dtype=torch.float32, scale=2.0, device=DEVICE):
+    """Standard-normal logits times ``scale`` drawn on the CPU from ``gen``, then moved."""
+    x = torch.randn(shape, generator=gen, dtype=torch.float64) * scale
+    return x.to(dtype).to(device)
+
+
+def peaked_teacher(gen, shape, dtype=torch.float32, device=DEVICE):
+    """Logits whose top token carries most of the mass, like a trained LLM's."""
+    x = torch.randn(shape, generator=gen, dtype=torch.float64) * 2.0
+    top = torch.randint(0, shape[-1], shape[:-1], generator=gen)
+    x.scatter_(-1, top[..., None], 12.0)
+    return x.to(dtype).to(device)
+
+
+def student_near(teacher, gen, noise=1.0):
+    """A student whose logits are the teacher's plus noise (a realistic, non-trivial gap)."""
+    shape, dtype = teacher.shape, teacher.dtype
+    noise_t = torch.randn(shape, generator=gen, dtype=torch.float64) * noise
+    return (teacher.double().cpu() + noise_t).to(dtype).to(teacher.device)
+
+
+def rel_err(x, ref):
+    x, ref = x.double().cpu(), ref.double().cpu()
+    return ((x - ref).norm() / ref.norm().clamp(min=1e-30)).item()
+
+
+def grad_tol(dtype):
+    return 1e-4 if dtype in (torch.float32, torch.float64) else 1e-2
+
+
+def ambiguous_rows(teacher, *, mu, temperature=1.0, margin=1e-6):
+    """Rows where some normalised cumulative mass lies within ``margin`` of mu (SPEC 2).
+
+    On those rows a backend summing in another order may legitimately pick another head.
+    With mu = 1 every token is head by definition (c_k <= 1 always): nothing is ambiguous.
+    """
+    if mu >= 1.0:
+        return torch.zeros(teacher.shape[:-1], dtype=torch.bool)
+    p = torch.softmax(teacher.double().cpu() / temperature, dim=-1)
+    c = torch.sort(p, dim=-1, descending=True, stable=True).values.cumsum(-1)
+    c = c / c[..., -1:]
+    return ((c - mu).abs() < margin).any(-1)
+
+
+def reference_grad(kind, student, teacher, labels=None, **kwargs):
+    s = student.detach().double().cpu().requires_grad_(True)
+    t = teacher.detach().double().cpu()
+    lab = None if labels is None else labels.cpu()
+    loss = reference.reference_loss(kind, s, t, lab, **kwargs)
+    (grad,) = torch.autograd.grad(loss.sum(), s)
+    return loss.detach(), grad
+
+
+def backend_grad(fn, student, teacher, labels=None, **kwargs):
+    s = student.detach().clone().requires_grad_(True)
+    loss = fn(s, teacher, labels, **kwargs)
+    (grad,) = torch.autograd.grad(loss.sum(), s)
+    return loss.detach(), grad

@@ -8,6 +8,8 @@
    peak allocated memory above the inputs (CUDA).
 
     python -m benchmarks.report [--n 4096] [--vocab 32000] [--quick] [--out DIR]
+
+Results go to benchmarks/results/<cpu|cuda>/report_<device>.{json,md}.
 """
 
 from __future__ import annotations
@@ -163,7 +165,8 @@ def main(argv=None):
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="N = 512, one repeat")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--out", type=Path, default=None,
+                        help="where JSON and Markdown go (default benchmarks/results/<device>)")
     parser.add_argument("--case", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.case:
@@ -187,6 +190,7 @@ def main(argv=None):
         speed_rows.append(measure_in_subprocess(impl, kind, args.n, args.vocab, args.dtype,
                                                 device, args.repeats))
     table = markdown(meta, parity_rows, speed_rows)
+    args.out = args.out or Path("benchmarks/results") / device
     args.out.mkdir(parents=True, exist_ok=True)
     stem = f"report_{device}"
     (args.out / f"{stem}.json").write_text(

@@ -2,7 +2,7 @@
 
 Autotuning would time every configuration on the first call of each new V and sync the host.
 These are the settings measured best on an H100 (benchmarks/results/h100-sweep, N = 16384,
-V = 128256, bf16), capped for small V:
+V = 128256, bf16; confirmed in h100-final), capped for small V:
 - FKL / RKL forward (the statistics sweep alone): 1024-wide chunks, 4 warps (5.2 ms against
   5.6 ms at 2048 x 8 and 6.7 ms at 16 warps);
 - AKL forward: 2048-wide chunks at 8 warps for the statistics and gap sweeps, and a head search

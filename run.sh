@@ -2,7 +2,7 @@
 # The project's one entry point; it sets up a fresh machine by itself (a virtual environment in
 # .venv, the CPU build of torch when no torch is installed, this package and its extras).
 #   ./run.sh test [pytest args]      the test suite (what CI runs)
-#   ./run.sh report [report args]    the main job: the parity-and-speed report on this machine
+#   ./run.sh bench [akl-bench args]  the main job: the benchmark report on this machine
 # AKL_TORCH_SPEC overrides how torch is installed, e.g.
 #   AKL_TORCH_SPEC="torch --index-url https://download.pytorch.org/whl/cpu" ./run.sh test
 set -euo pipefail
@@ -21,6 +21,6 @@ command="${1:-}"
 shift || true
 case "$command" in
   test) exec "$VENV/bin/python" -m pytest "$@" ;;
-  report) exec "$VENV/bin/python" -m benchmarks.report "$@" ;;
-  *) echo "usage: ./run.sh test|report [args]" >&2; exit 2 ;;
+  bench) exec "$VENV/bin/python" -m benchmarks "$@" ;;
+  *) echo "usage: ./run.sh test|bench [args]" >&2; exit 2 ;;
 esac

@@ -16,21 +16,54 @@ import torch
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 REDUCTIONS = ("mean", "sum", "none")
 BACKENDS = ("auto", "torch", "triton")
-DIVERGENCES = ("fkl", "rkl", "akl")
+# The KL family is computed from running FKL/RKL sums in the statistics sweep; the pointwise
+# family needs a second sweep over sum_i f(p_i, q_i) once the normalisers are known.
+KL_FAMILY = ("fkl", "rkl", "akl", "mixed_kl")
+POINTWISE = ("jsd", "skew_fkl", "skew_rkl", "tvd")  # the order is the kernels' kind code - 1
+DIVERGENCES = KL_FAMILY + POINTWISE
 
 
 @dataclass(frozen=True)
 class LossConfig:
-    """Everything a backend needs besides the tensors."""
+    """Everything a backend needs besides the tensors.
 
-    kind: str  # "fkl", "rkl" or "akl"
+    ``param`` is the divergence's own parameter: JSD's beta, the skew KLs' lambda, the mixed
+    KL's lambda (the weight of RKL); unused otherwise. ``normalized`` maps the parameter values
+    where a divergence *is* FKL or RKL onto those, so they run the same code exactly.
+    """
+
+    kind: str
     mu: float = 0.5
     include_crossing: bool = False
     temperature: float = 1.0
+    param: float = 0.0
+    # distillation_loss: loss = kd_ratio * divergence + (1 - kd_ratio) * CE(student, labels),
+    # the cross-entropy on the unscaled student logits (T = 1), fused into the same passes.
+    with_ce: bool = False
+    kd_ratio: float = 1.0
 
     @property
     def needs_head_split(self) -> bool:
         return self.kind == "akl"
+
+    @property
+    def fkl_weight(self) -> float:
+        """The fixed FKL weight of the KL family (AKL's is computed per row)."""
+        return {"fkl": 1.0, "rkl": 0.0, "mixed_kl": 1.0 - self.param}.get(self.kind, 0.0)
+
+    @property
+    def pointwise_code(self) -> int:
+        """0 for the KL family, else 1 + the divergence's index in POINTWISE."""
+        return POINTWISE.index(self.kind) + 1 if self.kind in POINTWISE else 0
+
+    def normalized(self) -> LossConfig:
+        # JSD(0) = FKL and JSD(1) = RKL by the TRL / Liger-Kernel convention (the formula
+        # itself tends to 0 at both ends); a skew KL with lambda = 0 is the plain KL.
+        same_as = {("jsd", 0.0): "fkl", ("jsd", 1.0): "rkl", ("skew_fkl", 0.0): "fkl",
+                   ("skew_rkl", 0.0): "rkl", ("mixed_kl", 0.0): "fkl", ("mixed_kl", 1.0): "rkl"}
+        kind = same_as.get((self.kind, self.param), self.kind)
+        return LossConfig(kind, self.mu, self.include_crossing, self.temperature, self.param,
+                          self.with_ce, self.kd_ratio)
 
 
 def _check_logits(name: str, logits) -> None:
@@ -82,6 +115,26 @@ def check_options(*, mu, include_crossing, temperature) -> None:
         raise ValueError(f"mu must lie in (0, 1], got {mu}")
     if not isinstance(include_crossing, bool):
         raise TypeError(f"include_crossing must be a bool, got {type(include_crossing).__name__}")
+
+
+def check_unit_interval(name, value) -> None:
+    """A divergence parameter (beta, lam) in [0, 1]."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    if not (0.0 <= value <= 1.0):
+        raise ValueError(f"{name} must lie in [0, 1], got {value}")
+
+
+def check_class_labels(labels, valid, vocab) -> None:
+    """Cross-entropy targets: every label that is not ignored must index the vocabulary.
+
+    (One host sync: a bad label would otherwise read out of bounds in a kernel.)"""
+    bad = valid & ((labels.reshape(-1) < 0) | (labels.reshape(-1) >= vocab))
+    if bool(bad.any()):
+        first = int(labels.reshape(-1)[bad.nonzero()[0, 0]])
+        raise ValueError(
+            f"labels must lie in [0, {vocab}) where they are not ignore_index, got {first}"
+        )
 
 
 def check_reduction(reduction) -> None:

@@ -2,7 +2,7 @@
 
 Rows are processed in chunks whose float32 working set stays under ``working_set_bytes()``
 (128 MiB by default, within the SPEC's 256 MiB; ``AKL_TORCH_WORKING_SET_MB`` overrides it),
-so no ``N x V`` float32 temporary ever exists. Forward keeps nine numbers per row; backward
+so no ``N x V`` float32 temporary ever exists. Forward keeps ten numbers per row; backward
 recomputes the two softmaxes chunk by chunk from them and writes the gradient in the
 student's dtype. Rows whose logits are all finite take a mask-free path; the path is chosen
 per row, so no row's result depends on its neighbours. (On CUDA this fallback syncs the host
@@ -16,10 +16,14 @@ from typing import NamedTuple
 
 import torch
 
-from akl_kernels import head_split
+from akl_kernels import head_split, pointwise
+from akl_kernels._validation import POINTWISE
 from akl_kernels.autograd import (
+    H_SUM,
+    LOGZ_1,
     LOGZ_S,
     LOGZ_T,
+    M_1,
     M_S,
     M_T,
     N_ROW_STATS,
@@ -35,8 +39,9 @@ from akl_kernels.autograd import (
 
 DEFAULT_WORKING_SET_MB = 128
 # Live [rows, V] temporaries per chunk in units of the compute dtype; AKL's matches the peak
-# measured by benchmarks/report.py (639 MiB = 500 MiB gradient + ~140 MiB at 128 MiB).
-_LIVE_TEMPORARIES = {"fkl": 10, "rkl": 10, "akl": 18}
+# measured by akl-bench (639 MiB = 500 MiB gradient + ~140 MiB at 128 MiB).
+_LIVE_TEMPORARIES = {"fkl": 10, "rkl": 10, "mixed_kl": 10, "akl": 18,
+                     **dict.fromkeys(POINTWISE, 16)}
 
 
 def working_set_bytes() -> int:
@@ -154,8 +159,26 @@ def _head_weights(zt, p, q, cfg):
     return HeadRows(head_gap, total - head_gap, head_weight, head.sum(dim=1), head_mass)
 
 
+def _pointwise_rows(zs, zt, finite, cfg):
+    """The pointwise family: D = sum_C f and H_SUM = sum_C h per row (consumes zs, zt)."""
+    contributing = None if finite else _contributing(zs, zt)
+    poisoned = None if finite else _poisoned(zs) | _poisoned(zt)
+    log_q, m_s, logz_s = _log_softmax_parts(zs)
+    log_p, m_t, logz_t = _log_softmax_parts(zt)
+    f, h = pointwise.terms(cfg.kind, log_p, log_q, cfg.param)
+    if contributing is not None:
+        f, h = torch.where(contributing, f, 0.0), torch.where(contributing, h, 0.0)
+    rows = f.sum(dim=1)
+    if poisoned is not None:
+        rows = torch.where(poisoned, float("nan"), rows)
+    columns = {M_S: m_s, LOGZ_S: logz_s, M_T: m_t, LOGZ_T: logz_t, H_SUM: h.sum(dim=1)}
+    return rows, columns, None
+
+
 def _row_results(zs, zt, finite, cfg):
     """Per-row loss, statistics columns and AKL split of a block of rows (consumes zs, zt)."""
+    if cfg.kind in POINTWISE:
+        return _pointwise_rows(zs, zt, finite, cfg)
     row_terms = _finite_terms if finite else _masked_terms
     terms = row_terms(zs, zt, keep_zt=cfg.needs_head_split)
     head = None
@@ -163,7 +186,7 @@ def _row_results(zs, zt, finite, cfg):
         head = _head_weights(zt, terms.p, terms.q, cfg)
         w_f = head.head_weight
     else:
-        w_f = torch.full_like(terms.fkl, 1.0 if cfg.kind == "fkl" else 0.0)
+        w_f = torch.full_like(terms.fkl, cfg.fkl_weight)
     rows = w_f * terms.fkl + (1.0 - w_f) * terms.rkl
     if terms.poisoned is not None:
         rows = torch.where(terms.poisoned, float("nan"), rows)
@@ -172,12 +195,22 @@ def _row_results(zs, zt, finite, cfg):
     return rows, columns, head
 
 
-def forward(s2d, t2d, valid, cfg, with_head_stats):
+def _cross_entropy(s1, labels):
+    """Per-row CE of unscaled student logits s1 (a fresh copy), and its (M_1, LOGZ_1)."""
+    m1 = s1.amax(dim=1)
+    m1 = torch.where(torch.isfinite(m1), m1, 0.0)
+    logz1 = torch.logsumexp(s1 - m1[:, None], dim=1)
+    target = s1.gather(1, labels.clamp(0, s1.shape[1] - 1)[:, None])[:, 0]
+    return (m1 - target) + logz1, m1, logz1
+
+
+def forward(s2d, t2d, valid, cfg, with_head_stats, labels=None):
     n_rows, vocab = s2d.shape
     dtype = loss_dtype(s2d, t2d)
     inv_t = 1.0 / cfg.temperature
     loss = torch.zeros(n_rows, dtype=dtype, device=s2d.device)
     stats = torch.zeros(n_rows, N_ROW_STATS, dtype=dtype, device=s2d.device)
+    parts = torch.zeros(n_rows, 2, dtype=dtype, device=s2d.device) if cfg.with_ce else None
     head_rows = _empty_head_rows(n_rows, dtype, s2d.device) if with_head_stats else None
     for r0, r1 in _chunks(n_rows, chunk_rows(vocab, dtype, cfg.kind)):
         zs = _scaled(s2d[r0:r1], dtype, inv_t)
@@ -186,14 +219,20 @@ def forward(s2d, t2d, valid, cfg, with_head_stats):
             loss_rows, columns, head = _row_results(zs[rows], zt[rows], finite, cfg)
             out = torch.arange(r0, r1, device=s2d.device)[rows]
             row_valid = valid[out]
+            if parts is not None:
+                ce, columns[M_1], columns[LOGZ_1] = _cross_entropy(
+                    s2d[r0:r1][rows].to(dtype, copy=True), labels[out])
+                parts[out] = torch.where(row_valid[:, None], torch.stack([loss_rows, ce], 1), 0.0)
+                loss_rows = cfg.kd_ratio * loss_rows + (1.0 - cfg.kd_ratio) * ce
             loss[out] = torch.where(row_valid, loss_rows, 0.0)
-            for column in (W_F, W_R):  # ignored rows get no gradient
-                columns[column] = torch.where(row_valid, columns[column], 0.0)
-            stats[out] = torch.stack([columns[k] for k in range(N_ROW_STATS)], dim=1)
+            zeros = torch.zeros_like(loss_rows)
+            for column in (W_F, W_R, H_SUM):  # ignored rows get no gradient
+                columns[column] = torch.where(row_valid, columns.get(column, zeros), 0.0)
+            stats[out] = torch.stack([columns.get(k, zeros) for k in range(N_ROW_STATS)], dim=1)
             if head_rows is not None and head is not None:
                 for target, values in zip(head_rows, head, strict=True):
                     target[out] = values.to(target.dtype)
-    return RowResult(loss, stats, head_rows)
+    return RowResult(loss, stats, head_rows, parts)
 
 
 def _empty_head_rows(n_rows, dtype, device):
@@ -231,18 +270,48 @@ def _masked_grad(zs, zt, st, coef):
     return torch.where(coef[:, None] != 0, g, 0.0)
 
 
-def backward(s2d, t2d, row_stats, coef, cfg):
+def _pointwise_grad(zs, zt, st, coef, cfg, finite):
+    """coef * ([C] h - q H_SUM): the pointwise family's gradient. Consumes zs and zt."""
+    col = lambda k: st[:, k, None]  # noqa: E731
+    contributing = None if finite else _contributing(zs, zt)
+    log_q = zs.sub_(col(M_S)).sub_(col(LOGZ_S))
+    log_p = zt.sub_(col(M_T)).sub_(col(LOGZ_T))
+    _, h = pointwise.terms(cfg.kind, log_p, log_q, cfg.param)
+    if contributing is not None:
+        h = torch.where(contributing, h, 0.0)
+    g = h.sub_(log_q.exp() * col(H_SUM)).mul_(coef[:, None])
+    return g if finite else torch.where(coef[:, None] != 0, g, 0.0)
+
+
+def _add_cross_entropy_grad(g, s1, st, labels, coef):
+    """g += coef * (softmax(s1) - onehot(labels)), zero where coef is 0. Consumes s1."""
+    q1 = s1.sub_(st[:, M_1, None]).sub_(st[:, LOGZ_1, None]).exp_()
+    q1.scatter_add_(1, labels.clamp(0, s1.shape[1] - 1)[:, None],
+                    -torch.ones_like(q1[:, :1]))
+    return torch.where(coef[:, None] != 0, g + coef[:, None] * q1, g)
+
+
+def backward(s2d, t2d, row_stats, coef, cfg, labels=None):
     n_rows, vocab = s2d.shape
     dtype = row_stats.dtype
     inv_t = 1.0 / cfg.temperature
     grad = torch.empty((n_rows, vocab), dtype=s2d.dtype, device=s2d.device)
-    for r0, r1 in _chunks(n_rows, chunk_rows(vocab, dtype, "fkl")):
+    kind = cfg.kind if cfg.kind in POINTWISE else "fkl"
+    divergence_coef = coef * (cfg.kd_ratio * inv_t)  # d zs / d s = 1/T
+    for r0, r1 in _chunks(n_rows, chunk_rows(vocab, dtype, kind)):
         zs = _scaled(s2d[r0:r1], dtype, inv_t)
         zt = _scaled(t2d[r0:r1], dtype, inv_t)
-        st, row_coef = row_stats[r0:r1], coef[r0:r1]
+        st, row_coef = row_stats[r0:r1], divergence_coef[r0:r1]
         for rows, finite in _row_groups(zs, zt):
-            grad_rows = _finite_grad if finite else _masked_grad
-            g = grad_rows(zs[rows], zt[rows], st[rows], row_coef[rows])
+            if cfg.kind in POINTWISE:
+                g = _pointwise_grad(zs[rows], zt[rows], st[rows], row_coef[rows], cfg, finite)
+            else:
+                grad_rows = _finite_grad if finite else _masked_grad
+                g = grad_rows(zs[rows], zt[rows], st[rows], row_coef[rows])
+            if cfg.with_ce:
+                out = torch.arange(r0, r1, device=s2d.device)[rows]
+                g = _add_cross_entropy_grad(g, s2d[r0:r1][rows].to(dtype, copy=True), st[rows],
+                                            labels[out], coef[out] * (1.0 - cfg.kd_ratio))
             if isinstance(rows, slice):
                 grad[r0:r1] = g
             else:

@@ -48,21 +48,27 @@ def divergence_loss(
     ignore_index=-100,
     reduction="mean",
     backend="auto",
+    param=0.0,
 ):
-    """Shared body of ``fkl_loss``, ``rkl_loss`` and ``akl_loss``; ``kind`` names the divergence."""
+    """Shared body of every divergence loss; ``kind`` names the divergence (one of
+    ``akl_kernels._validation.DIVERGENCES``) and ``param`` its parameter (beta or lam)."""
     if kind not in checks.DIVERGENCES:
         raise ValueError(f"kind must be one of {checks.DIVERGENCES}, got {kind!r}")
     checks.check_logit_pair(student_logits, teacher_logits)
     checks.check_options(mu=mu, include_crossing=include_crossing, temperature=temperature)
+    checks.check_unit_interval("param", param)
     checks.check_reduction(reduction)
     checks.check_labels(labels, student_logits, ignore_index)
     backend_name = checks.resolve_backend(backend, student_logits, teacher_logits)
-    cfg = checks.LossConfig(kind, float(mu), include_crossing, float(temperature))
+    cfg = checks.LossConfig(
+        kind, float(mu), include_crossing, float(temperature), float(param)
+    ).normalized()
     n_rows = student_logits.numel() // student_logits.shape[-1]
     valid = _valid_rows(labels, ignore_index, n_rows, student_logits.device)
-    return DivergenceFunction.apply(
-        student_logits, teacher_logits, valid, cfg, _backend_module(backend_name), reduction
+    loss, _, _ = DivergenceFunction.apply(
+        student_logits, teacher_logits, valid, cfg, _backend_module(backend_name), reduction, None
     )
+    return loss
 
 
 def fkl_loss(student_logits, teacher_logits, labels=None, **options):
@@ -73,6 +79,42 @@ def fkl_loss(student_logits, teacher_logits, labels=None, **options):
 def rkl_loss(student_logits, teacher_logits, labels=None, **options):
     """Reverse KL(q || p), teacher p, student q. Options as ``akl_loss`` (``mu`` unused)."""
     return divergence_loss("rkl", student_logits, teacher_logits, labels, **options)
+
+
+def jsd_loss(student_logits, teacher_logits, labels=None, *, beta=0.5, **options):
+    """Generalised Jensen-Shannon divergence ``beta KL(p || m) + (1 - beta) KL(q || m)`` with
+    ``m = beta p + (1 - beta) q`` (teacher p, student q). ``beta = 0`` is FKL and ``beta = 1``
+    is RKL, the convention of TRL's GKD and Liger-Kernel (the formula itself tends to 0 at both
+    ends). Options as ``fkl_loss``."""
+    checks.check_unit_interval("beta", beta)
+    return divergence_loss("jsd", student_logits, teacher_logits, labels, param=beta, **options)
+
+
+def skew_fkl_loss(student_logits, teacher_logits, labels=None, *, lam=0.1, **options):
+    """DistiLLM's skew forward KL: ``KL(p || lam p + (1 - lam) q)``; ``lam = 0`` is FKL."""
+    checks.check_unit_interval("lam", lam)
+    return divergence_loss("skew_fkl", student_logits, teacher_logits, labels, param=lam,
+                           **options)
+
+
+def skew_rkl_loss(student_logits, teacher_logits, labels=None, *, lam=0.1, **options):
+    """DistiLLM's skew reverse KL: ``KL(q || (1 - lam) p + lam q)``; ``lam = 0`` is RKL."""
+    checks.check_unit_interval("lam", lam)
+    return divergence_loss("skew_rkl", student_logits, teacher_logits, labels, param=lam,
+                           **options)
+
+
+def tvd_loss(student_logits, teacher_logits, labels=None, **options):
+    """Total variation distance ``0.5 * sum |p - q|`` (its gradient is a subgradient: 0 where
+    p = q). Options as ``fkl_loss``."""
+    return divergence_loss("tvd", student_logits, teacher_logits, labels, **options)
+
+
+def mixed_kl_loss(student_logits, teacher_logits, labels=None, *, lam=0.5, **options):
+    """``(1 - lam) * FKL + lam * RKL`` with fixed weights (the AKL paper's FKL+RKL baseline)."""
+    checks.check_unit_interval("lam", lam)
+    return divergence_loss("mixed_kl", student_logits, teacher_logits, labels, param=lam,
+                           **options)
 
 
 def akl_loss(
@@ -108,6 +150,82 @@ def akl_loss(
         reduction=reduction,
         backend=backend,
     )
+
+
+class DistillationOutput(NamedTuple):
+    """``distillation_loss(..., return_parts=True)``: the loss and its two parts, each reduced
+    like the loss; the parts carry no gradient (they are for logging)."""
+
+    loss: torch.Tensor
+    cross_entropy: torch.Tensor
+    divergence: torch.Tensor
+
+
+# The options each divergence takes in distillation_loss (beyond the shared ones).
+_DIVERGENCE_OPTIONS = {"akl": {"mu", "include_crossing"}, "jsd": {"beta"}, "skew_fkl": {"lam"},
+                       "skew_rkl": {"lam"}, "mixed_kl": {"lam"}, "fkl": set(), "rkl": set(),
+                       "tvd": set()}
+_PARAM_DEFAULTS = {"jsd": 0.5, "skew_fkl": 0.1, "skew_rkl": 0.1, "mixed_kl": 0.5}
+
+
+def distillation_loss(
+    student_logits,
+    teacher_logits,
+    labels,
+    *,
+    divergence="akl",
+    kd_ratio=0.5,
+    temperature=1.0,
+    ignore_index=-100,
+    reduction="mean",
+    backend="auto",
+    return_parts=False,
+    **divergence_options,
+):
+    """The MiniLLM / AKL-paper objective: ``(1 - kd_ratio) * CE(student, labels) +
+    kd_ratio * divergence(student, teacher)`` per token, reduced over the rows whose label is
+    not ``ignore_index``.
+
+    The hard-label cross-entropy is taken on the unscaled student logits (T = 1) and fused into
+    the divergence's passes: the logits are not read again for it. ``divergence`` is any of
+    "akl", "fkl", "rkl", "jsd", "skew_fkl", "skew_rkl", "tvd", "mixed_kl", with its options by
+    keyword (``mu``, ``include_crossing`` for AKL; ``beta`` for JSD; ``lam`` for the skew and
+    mixed KLs). ``return_parts=True`` returns ``DistillationOutput(loss, cross_entropy,
+    divergence)``. No ``T**2`` factor is applied.
+    """
+    if divergence not in _DIVERGENCE_OPTIONS:
+        raise ValueError(
+            f"divergence must be one of {tuple(_DIVERGENCE_OPTIONS)}, got {divergence!r}")
+    unknown = set(divergence_options) - _DIVERGENCE_OPTIONS[divergence]
+    if unknown:
+        raise TypeError(f"divergence={divergence!r} takes no option {sorted(unknown)[0]!r}")
+    if isinstance(kd_ratio, bool) or not isinstance(kd_ratio, (int, float)):
+        raise TypeError(f"kd_ratio must be a real number, got {type(kd_ratio).__name__}")
+    checks.check_unit_interval("kd_ratio", kd_ratio)
+    mu = divergence_options.get("mu", 0.5)
+    include_crossing = divergence_options.get("include_crossing", False)
+    param_name = "beta" if divergence == "jsd" else "lam"
+    param = divergence_options.get(param_name, _PARAM_DEFAULTS.get(divergence, 0.0))
+    checks.check_unit_interval(param_name, param)
+    checks.check_logit_pair(student_logits, teacher_logits)
+    checks.check_options(mu=mu, include_crossing=include_crossing, temperature=temperature)
+    checks.check_reduction(reduction)
+    if labels is None:
+        raise ValueError("labels are required: they are the cross-entropy's targets")
+    checks.check_labels(labels, student_logits, ignore_index)
+    backend_name = checks.resolve_backend(backend, student_logits, teacher_logits)
+    n_rows = student_logits.numel() // student_logits.shape[-1]
+    valid = _valid_rows(labels, ignore_index, n_rows, student_logits.device)
+    checks.check_class_labels(labels, valid, student_logits.shape[-1])
+    cfg = checks.LossConfig(divergence, float(mu), include_crossing, float(temperature),
+                            float(param), True, float(kd_ratio)).normalized()
+    loss, divergence_part, ce_part = DivergenceFunction.apply(
+        student_logits, teacher_logits, valid, cfg, _backend_module(backend_name), reduction,
+        labels.reshape(-1).to(torch.int64),
+    )
+    if return_parts:
+        return DistillationOutput(loss, ce_part, divergence_part)
+    return loss
 
 
 @torch.no_grad()

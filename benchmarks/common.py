@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import statistics
 import time
 
@@ -41,26 +42,44 @@ def make_inputs(n, vocab, dtype, teacher, device, seed=0):
 
 def floor_bytes(n, vocab, s_dtype, t_dtype):
     """SPEC 4: forward+backward must read s and t once and write the gradient once."""
-    size = lambda d: torch.finfo(d).bits // 8  # noqa: E731
-    return n * vocab * (2 * size(s_dtype) + size(t_dtype))
+    return n * vocab * (2 * s_dtype.itemsize + t_dtype.itemsize)
 
 
-def cuda_median_ms(fn, *, warmup_ms=25, rep_ms=200, grad_to_none=None):
-    import triton.testing
+def cuda_median_ms(fn, *, setup=None, min_repeats=5, max_repeats=100, target_ms=300.0):
+    """Median of CUDA-event timings of fn, warm-up excluded.
 
-    return triton.testing.do_bench(
-        fn, warmup=warmup_ms, rep=rep_ms, grad_to_none=grad_to_none, return_mode="median"
-    )
-
-
-def cpu_median_ms(fn, *, repeats=5, warmup=1):
-    for _ in range(warmup):
+    The number of repeats aims at target_ms of measured time, clamped to [min_repeats,
+    max_repeats], so that even a 100 ms call gets a median of several runs. setup (e.g.
+    clearing .grad) runs before each call, outside the timed region.
+    """
+    def timed():
+        if setup is not None:
+            setup()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
         fn()
+        end.record()
+        return start, end
+
+    warm = timed()  # warm-up, also the estimate for the number of repeats
+    torch.cuda.synchronize()
+    estimate = max(warm[0].elapsed_time(warm[1]), 1e-3)
+    repeats = int(min(max_repeats, max(min_repeats, target_ms // estimate)))
+    events = [timed() for _ in range(repeats)]
+    torch.cuda.synchronize()
+    return statistics.median(start.elapsed_time(end) for start, end in events)
+
+
+def cpu_median_ms(fn, *, setup=None, repeats=5, warmup=1):
+    """Median wall time of fn over repeats after warm-up calls; setup runs untimed before each."""
     times = []
-    for _ in range(repeats):
+    for i in range(warmup + repeats):
+        if setup is not None:
+            setup()
         start = time.perf_counter()
         fn()
-        times.append((time.perf_counter() - start) * 1e3)
+        if i >= warmup:
+            times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times)
 
 
@@ -70,6 +89,28 @@ def copy_bandwidth_gbs(device, nbytes=2 * 2**30):
     y = torch.empty_like(x)
     ms = cuda_median_ms(lambda: y.copy_(x))
     return 2 * nbytes / (ms * 1e-3) / 1e9
+
+
+def device_meta(device):
+    """What every result records about where it was measured."""
+    import platform
+
+    import triton
+
+    if device == "cuda":
+        name = torch.cuda.get_device_name()
+    else:
+        model = platform.processor() or platform.machine()
+        try:
+            with open("/proc/cpuinfo") as info:
+                model = next(line.split(":", 1)[1].strip() for line in info
+                             if line.startswith("model name"))
+        except (OSError, StopIteration):
+            pass
+        name = f"CPU {model}, {os.cpu_count()} cores"
+    return dict(device=device, device_name=name, torch=torch.__version__,
+                triton=triton.__version__, python=platform.python_version(),
+                date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
 
 
 def fmt(x, digits=3):

@@ -9,6 +9,7 @@ Neither is fast or memory-lean; that is the point of the package.
 from reference.definition import (
     ReferenceHeadTailStats,
     reference_akl,
+    reference_distillation_loss,
     reference_fkl,
     reference_head_mask,
     reference_head_tail_stats,
@@ -23,6 +24,7 @@ __all__ = [
     "official_fkl",
     "official_rkl",
     "reference_akl",
+    "reference_distillation_loss",
     "reference_fkl",
     "reference_head_mask",
     "reference_head_tail_stats",

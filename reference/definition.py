@@ -6,6 +6,7 @@ gradients come from autograd. The package's backends are tested against these fu
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -55,6 +56,9 @@ class _RowTerms(NamedTuple):
     rkl: torch.Tensor
     p: torch.Tensor
     q: torch.Tensor
+    log_p: torch.Tensor  # 0 outside C
+    log_q: torch.Tensor  # 0 outside C
+    contributing: torch.Tensor
 
 
 def _row_terms(student_logits, teacher_logits, temperature) -> _RowTerms:
@@ -71,7 +75,28 @@ def _row_terms(student_logits, teacher_logits, temperature) -> _RowTerms:
     log_p_c = torch.where(contributing, log_p, torch.zeros_like(log_p))
     fkl = (p * (log_p_c - log_q_c)).sum(-1)  # FKL = sum_C p (log p - log q)
     rkl = (q * (log_q_c - log_p_c)).sum(-1)  # RKL = sum_C q (log q - log p)
-    return _RowTerms(fkl, rkl, p, q)
+    return _RowTerms(fkl, rkl, p, q, log_p_c, log_q_c, contributing)
+
+
+def _log_mixture(log_p, log_q, weight_p):
+    """log(weight_p p + (1 - weight_p) q), in log space (no 0 * log 0 for tiny masses)."""
+    log_w = lambda w: math.log(w) if w > 0 else -math.inf  # noqa: E731
+    return torch.logaddexp(log_p + log_w(weight_p), log_q + log_w(1.0 - weight_p))
+
+
+def _pointwise_rows(kind, terms, param):
+    """The divergences of the family summed over C: JSD(beta), skew FKL / RKL, TVD."""
+    log_p, log_q, p, q = terms.log_p, terms.log_q, terms.p, terms.q
+    if kind == "jsd":  # beta KL(p || m) + (1 - beta) KL(q || m), m = beta p + (1 - beta) q
+        log_m = _log_mixture(log_p, log_q, param)
+        values = param * p * (log_p - log_m) + (1.0 - param) * q * (log_q - log_m)
+    elif kind == "skew_fkl":  # KL(p || m), m = lam p + (1 - lam) q
+        values = p * (log_p - _log_mixture(log_p, log_q, param))
+    elif kind == "skew_rkl":  # KL(q || m), m = (1 - lam) p + lam q
+        values = q * (log_q - _log_mixture(log_p, log_q, 1.0 - param))
+    else:  # tvd: 0.5 sum |p - q|
+        values = 0.5 * (p - q).abs()
+    return torch.where(terms.contributing, values, torch.zeros_like(values)).sum(-1)
 
 
 def _gap_weights(p, q, head):
@@ -127,13 +152,23 @@ def reference_loss(
     temperature: float = 1.0,
     ignore_index: int = -100,
     reduction: str = "mean",
+    param: float = 0.0,
 ) -> torch.Tensor:
-    """``kind`` in {"fkl", "rkl", "akl"}; float64 result, differentiable in the student."""
+    """``kind`` in {"fkl", "rkl", "akl", "mixed_kl", "jsd", "skew_fkl", "skew_rkl", "tvd"};
+    ``param`` is beta (jsd) or lam (skew and mixed KL). Float64, differentiable in the student.
+    """
     terms = _row_terms(student_logits, teacher_logits, temperature)
+    if kind == "jsd" and param in (0.0, 1.0):
+        # TRL / Liger-Kernel convention: JSD(0) = FKL, JSD(1) = RKL.
+        kind = "fkl" if param == 0.0 else "rkl"
     if kind == "fkl":
         rows = terms.fkl
     elif kind == "rkl":
         rows = terms.rkl
+    elif kind == "mixed_kl":
+        rows = (1.0 - param) * terms.fkl + param * terms.rkl
+    elif kind in ("jsd", "skew_fkl", "skew_rkl", "tvd"):
+        rows = _pointwise_rows(kind, terms, param)
     elif kind == "akl":
         head = reference_head_mask(
             teacher_logits, mu=mu, include_crossing=include_crossing, temperature=temperature
@@ -142,7 +177,7 @@ def reference_loss(
         # 6. AKL = w_head FKL + w_tail RKL with the weights held constant.
         rows = w_head * terms.fkl + (1.0 - w_head) * terms.rkl
     else:
-        raise ValueError(f"kind must be 'fkl', 'rkl' or 'akl', got {kind!r}")
+        raise ValueError(f"unknown divergence {kind!r}")
     return _reduce(rows, labels, ignore_index, reduction)
 
 
@@ -156,3 +191,33 @@ def reference_rkl(student_logits, teacher_logits, labels=None, **kwargs):
 
 def reference_akl(student_logits, teacher_logits, labels=None, **kwargs):
     return reference_loss("akl", student_logits, teacher_logits, labels, **kwargs)
+
+
+def reference_distillation_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    divergence: str = "akl",
+    kd_ratio: float = 0.5,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    mu: float = 0.5,
+    include_crossing: bool = False,
+    param: float = 0.0,
+):
+    """(loss, cross-entropy, divergence), each reduced: ``(1 - kd_ratio) CE + kd_ratio D`` with
+    the cross-entropy of the unscaled student logits (T = 1) against ``labels``."""
+    divergence_rows = reference_loss(
+        divergence, student_logits, teacher_logits, labels, mu=mu,
+        include_crossing=include_crossing, temperature=temperature, ignore_index=ignore_index,
+        reduction="none", param=param,
+    )
+    log_q1 = torch.log_softmax(student_logits.to(torch.float64), dim=-1)
+    valid = labels != ignore_index
+    target = torch.where(valid, labels, torch.zeros_like(labels))
+    ce_rows = -log_q1.gather(-1, target[..., None])[..., 0]
+    rows = kd_ratio * divergence_rows + (1.0 - kd_ratio) * ce_rows
+    return tuple(_reduce(x, labels, ignore_index, reduction)
+                 for x in (rows, ce_rows, divergence_rows))

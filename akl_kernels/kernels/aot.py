@@ -28,27 +28,35 @@ from akl_kernels.kernels.forward import _divergence_forward_kernel
 LOGIT_TYPES = ("fp32", "bf16", "fp16")
 
 
-def _forward_source(s_type, t_type, head_split, launch):
+def _forward_source(s_type, t_type, head_split, pointwise, with_ce, launch):
     signature = {
         "s_ptr": f"*{s_type}", "t_ptr": f"*{t_type}", "valid_ptr": "*i8", "loss_ptr": "*fp32",
-        "stats_ptr": "*fp32", "head_ptr": "*fp32", "count_ptr": "*i32", "V": "i32",
-        "stride_s": "i32", "stride_t": "i32", "inv_t": "fp32", "fkl_weight": "fp32",
-        "mu": "fp32", "span": "fp32", "include_crossing": "i32",
-        "HEAD_SPLIT": "constexpr", "BLOCK": "constexpr", "SEARCH_BLOCK": "constexpr",
+        "stats_ptr": "*fp32", "head_ptr": "*fp32", "count_ptr": "*i32", "labels_ptr": "*i64",
+        "parts_ptr": "*fp32", "V": "i32", "stride_s": "i32", "stride_t": "i32", "inv_t": "fp32",
+        "fkl_weight": "fp32", "pointwise": "i32", "param": "fp32", "log_wp": "fp32",
+        "log_wq": "fp32", "t_scale": "fp32", "kd_ratio": "fp32", "mu": "fp32",
+        "span": "fp32", "include_crossing": "i32",
+        "HEAD_SPLIT": "constexpr", "POINTWISE": "constexpr", "WITH_CE": "constexpr",
+        "BLOCK": "constexpr", "SEARCH_BLOCK": "constexpr",
         "PIVOTS": "constexpr", "N_STATS": "constexpr",
     }
-    constexprs = dict(HEAD_SPLIT=head_split, BLOCK=launch["BLOCK"], N_STATS=N_ROW_STATS,
+    constexprs = dict(HEAD_SPLIT=head_split, POINTWISE=pointwise, WITH_CE=with_ce,
+                      BLOCK=launch["BLOCK"], N_STATS=N_ROW_STATS,
                       SEARCH_BLOCK=launch["SEARCH_BLOCK"], PIVOTS=launch["PIVOTS"])
     return ASTSource(_divergence_forward_kernel, signature, constexprs=constexprs)
 
 
-def _backward_source(s_type, t_type, launch):
+def _backward_source(s_type, t_type, pointwise, with_ce, launch):
     signature = {
         "s_ptr": f"*{s_type}", "t_ptr": f"*{t_type}", "stats_ptr": "*fp32", "coef_ptr": "*fp32",
-        "grad_ptr": f"*{s_type}", "V": "i32", "stride_s": "i32", "stride_t": "i32",
-        "inv_t": "fp32", "BLOCK": "constexpr", "N_STATS": "constexpr",
+        "grad_ptr": f"*{s_type}", "labels_ptr": "*i64", "V": "i32", "stride_s": "i32",
+        "stride_t": "i32", "inv_t": "fp32", "pointwise": "i32", "param": "fp32", "log_wp": "fp32",
+        "log_wq": "fp32", "t_scale": "fp32", "kd_scale": "fp32",
+        "ce_weight": "fp32", "POINTWISE": "constexpr", "WITH_CE": "constexpr", "BLOCK": "constexpr",
+        "N_STATS": "constexpr",
     }
-    constexprs = dict(BLOCK=launch["BLOCK"], N_STATS=N_ROW_STATS)
+    constexprs = dict(POINTWISE=pointwise, WITH_CE=with_ce, BLOCK=launch["BLOCK"],
+                      N_STATS=N_ROW_STATS)
     return ASTSource(_divergence_grad_kernel, signature, constexprs=constexprs)
 
 
@@ -56,12 +64,21 @@ def specialisations():
     """(name, ASTSource, num_warps) for every launch the heuristics can produce, every dtype."""
     forward_launches, backward_launches = heuristics.launch_space()
     pairs = list(itertools.product(LOGIT_TYPES, LOGIT_TYPES))
-    for (head, launch), (s, t) in itertools.product(forward_launches, pairs):
-        name = f"forward[{s},{t},head_split={head},BLOCK={launch['BLOCK']}]"
-        yield name, _forward_source(s, t, head, launch), launch["num_warps"]
-    for launch, (s, t) in itertools.product(backward_launches, pairs):
-        name = f"grad[{s},{t},BLOCK={launch['BLOCK']}]"
-        yield name, _backward_source(s, t, launch), launch["num_warps"]
+    # The cross-entropy's code reads the student's dtype only: its variants are compiled for
+    # the pairs of equal dtypes (every student dtype once).
+    for with_ce, ((head, point), launch), (s, t) in itertools.product(
+            (False, True), forward_launches, pairs):
+        if with_ce and s != t:
+            continue
+        name = (f"forward[{s},{t},head_split={head},pointwise={point},ce={with_ce},"
+                f"BLOCK={launch['BLOCK']}]")
+        yield name, _forward_source(s, t, head, point, with_ce, launch), launch["num_warps"]
+    for with_ce, launch, (s, t), point in itertools.product(
+            (False, True), backward_launches, pairs, (False, True)):
+        if with_ce and s != t:
+            continue
+        name = f"grad[{s},{t},pointwise={point},ce={with_ce},BLOCK={launch['BLOCK']}]"
+        yield name, _backward_source(s, t, point, with_ce, launch), launch["num_warps"]
 
 
 def compile_for(source, num_warps, arch):

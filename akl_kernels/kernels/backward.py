@@ -12,7 +12,8 @@ import triton.language as tl
 
 from akl_kernels.autograd import N_ROW_STATS
 from akl_kernels.kernels import heuristics
-from akl_kernels.kernels.row_passes import load_scaled
+from akl_kernels.kernels.forward import pointwise_args
+from akl_kernels.kernels.row_passes import load_scaled, pointwise_terms
 
 
 @triton.jit
@@ -22,10 +23,20 @@ def _divergence_grad_kernel(
     stats_ptr,
     coef_ptr,
     grad_ptr,
+    labels_ptr,
     V,
     stride_s,
     stride_t,
     inv_t,
+    pointwise,  # 0: the KL family; else the pointwise divergence's code (pointwise_terms)
+    param,
+    log_wp,
+    log_wq,
+    t_scale,  # T
+    kd_scale,  # kd_ratio / T: the divergence's weight times d zs / d s
+    ce_weight,  # 1 - kd_ratio
+    POINTWISE: tl.constexpr,  # the pointwise family's formula (else the KL family's)
+    WITH_CE: tl.constexpr,  # distillation_loss's cross-entropy
     BLOCK: tl.constexpr,
     N_STATS: tl.constexpr,
 ):
@@ -49,14 +60,24 @@ def _divergence_grad_kernel(
     q = tl.exp(log_q)
     p = tl.exp(log_p)
     contributing = (zs != float("-inf")) & (zt != float("-inf"))
-    # SPEC 2: dFKL = q P_C - p [C];  dRKL = [C] q (log q - log p + 1) - q (RKL + Q_C)
-    d_fkl = q * p_c - tl.where(contributing, p, 0.0)
-    d_rkl = tl.where(contributing, q * (log_q - log_p + 1.0), 0.0) - q * (rkl + q_c)
-    grad = tl.where(coef != 0.0, coef * (w_f * d_fkl + w_r * d_rkl), 0.0)
+    if not POINTWISE:
+        # SPEC 2: dFKL = q P_C - p [C];  dRKL = [C] q (log q - log p + 1) - q (RKL + Q_C)
+        d_fkl = q * p_c - tl.where(contributing, p, 0.0)
+        d_rkl = tl.where(contributing, q * (log_q - log_p + 1.0), 0.0) - q * (rkl + q_c)
+        d_loss = w_f * d_fkl + w_r * d_rkl
+    else:  # [C] h - q sum_C h (akl_kernels/pointwise.py)
+        _, h = pointwise_terms(pointwise, log_p, log_q, param, log_wp, log_wq)
+        d_loss = tl.where(contributing, h, 0.0) - q * tl.load(stats_row + 9)
+    d_loss = kd_scale * d_loss
+    if WITH_CE:  # d CE / d s = softmax(s) - onehot(label), at T = 1
+        q_1 = tl.exp((zs - m_s) * t_scale - tl.load(stats_row + 11))
+        hit = offs == tl.load(labels_ptr + row)
+        d_loss += ce_weight * (q_1 - tl.where(hit, 1.0, 0.0))
+    grad = tl.where(coef != 0.0, coef * d_loss, 0.0)
     tl.store(grad_ptr + row * V + offs, grad.to(grad_ptr.dtype.element_ty), mask=offs < V)
 
 
-def backward(s2d, t2d, row_stats, coef, cfg):
+def backward(s2d, t2d, row_stats, coef, cfg, labels=None):
     n_rows, vocab = s2d.shape
     grad = torch.empty((n_rows, vocab), dtype=s2d.dtype, device=s2d.device)
     if n_rows > 0:
@@ -68,10 +89,17 @@ def backward(s2d, t2d, row_stats, coef, cfg):
             row_stats,
             coef.to(torch.float32),
             grad,
+            labels if labels is not None else torch.zeros(1, dtype=torch.int64, device=grad.device),
             vocab,
             s2d.stride(0),
             t2d.stride(0),
             1.0 / cfg.temperature,
+            *pointwise_args(cfg),
+            cfg.temperature,
+            cfg.kd_ratio / cfg.temperature,
+            1.0 - cfg.kd_ratio,
+            POINTWISE=cfg.pointwise_code != 0,
+            WITH_CE=cfg.with_ce,
             N_STATS=N_ROW_STATS,
             **launch,
         )

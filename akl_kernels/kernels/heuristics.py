@@ -48,14 +48,16 @@ def backward_launch(vocab: int) -> dict:
 
 
 def launch_space():
-    """Every (head_split, forward launch) and backward launch the heuristic can produce."""
+    """Every forward launch the heuristic can produce, as ((head_split, pointwise), launch), and
+    every backward launch. The pointwise family runs the statistics-only launch."""
     blocks = []
     block = MIN_BLOCK
     while block <= max(ROW_BLOCK, STATS_ONLY_BLOCK, 2048):
         blocks.append(block)
         block *= 2
-    forward = {(head, tuple(sorted(forward_launch(b, head).items())))
-               for b in blocks for head in (False, True)}
+    variants = ((False, False), (True, False), (False, True))
+    forward = {(variant, tuple(sorted(forward_launch(b, variant[0]).items())))
+               for b in blocks for variant in variants}
     backward = {tuple(sorted(backward_launch(b).items())) for b in blocks}
-    return ([(head, dict(x)) for head, x in sorted(forward)],
+    return ([(variant, dict(x)) for variant, x in sorted(forward)],
             [dict(x) for x in sorted(backward)])

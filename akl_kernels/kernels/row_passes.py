@@ -7,6 +7,9 @@ A program owns one row and sweeps it in ``BLOCK``-wide chunks; each helper below
 - ``head_threshold``: the exact AKL crossing value ``u*`` of the teacher, by a bracketed
   ``PIVOTS``-ary search over the teacher's float values (reads t a few times, no sort);
 - ``head_gaps``: ``sum |p - q|`` on the head and the tail (reads s and t once);
+- ``pointwise_sums``: ``sum_C f(p, q)`` and ``sum_C q df/dq`` of a pointwise divergence (JSD,
+  skew KL, TVD; reads s and t once) with ``pointwise_terms``, the twin of
+  ``akl_kernels/pointwise.py``;
 - ``load_scaled``: one chunk of logits as float32 divided by T (-inf past the row's end).
 
 See docs/kernels.md for the bytes each pass moves.
@@ -29,8 +32,13 @@ def _poisoned(z):
 
 
 @triton.jit
-def softmax_kl_stats(s_row, t_row, V, inv_t, BLOCK: tl.constexpr):
-    """Returns (m_s, sum_s, m_t, sum_t, fkl, rkl, p_c, q_c, bad) for one row.
+def softmax_kl_stats(s_row, t_row, V, inv_t, t_scale, WITH_T1: tl.constexpr,
+                     BLOCK: tl.constexpr):
+    """Returns (m_s, sum_s, m_t, sum_t, fkl, rkl, p_c, q_c, bad, sum_1) for one row.
+
+    With ``WITH_T1``, sum_1 = sum exp((zs - m_s) * t_scale), the student's normaliser at
+    T = 1 when t_scale = T (the fused cross-entropy of distillation_loss; the maximum of the
+    unscaled logits is m_s * T, so no extra reduction). Else sum_1 = 0.
 
     With d = (zt - m_t) - (zs - m_s) on the contributing set C (both logits > -inf):
     FKL = sum_C e_t d / sum_t + log(sum_s / sum_t) P_C and
@@ -50,6 +58,7 @@ def softmax_kl_stats(s_row, t_row, V, inv_t, BLOCK: tl.constexpr):
     p_out = tl.zeros([BLOCK], tl.float32)  # e_t outside C
     q_out = tl.zeros([BLOCK], tl.float32)  # e_s outside C
     bad = tl.zeros([BLOCK], tl.int32)
+    sum_1 = tl.zeros([BLOCK], tl.float32)
     for start in range(0, V, BLOCK):
         offs = start + tl.arange(0, BLOCK)
         zs = load_scaled(s_row, offs, V, inv_t)
@@ -72,6 +81,8 @@ def softmax_kl_stats(s_row, t_row, V, inv_t, BLOCK: tl.constexpr):
         b_rkl = alpha_s * (b_rkl + shift * (sum_s - q_out)) - e_s * d
         p_out = alpha_t * p_out + tl.where(contributing, 0.0, e_t)
         q_out = alpha_s * q_out + tl.where(contributing, 0.0, e_s)
+        if WITH_T1:
+            sum_1 = tl.exp((m_s - ref_s) * t_scale) * sum_1 + tl.exp((zs - ref_s) * t_scale)
         sum_s = alpha_s * sum_s + e_s
         sum_t = alpha_t * sum_t + e_t
         m_s = new_ms
@@ -83,7 +94,7 @@ def softmax_kl_stats(s_row, t_row, V, inv_t, BLOCK: tl.constexpr):
     q_c = 1.0 - tl.sum(q_out) / total_s
     fkl = tl.sum(a_fkl) / total_t + log_ratio * p_c
     rkl = tl.sum(b_rkl) / total_s - log_ratio * q_c
-    return m_s, total_s, m_t, total_t, fkl, rkl, p_c, q_c, tl.max(bad)
+    return m_s, total_s, m_t, total_t, fkl, rkl, p_c, q_c, tl.max(bad), tl.sum(sum_1)
 
 
 @triton.jit
@@ -205,3 +216,60 @@ def head_gaps(
         head_mass += tl.where(head, p, 0.0)
         head_count += head.to(tl.int32)
     return tl.sum(head_gap), tl.sum(tail_gap), tl.sum(head_count), tl.sum(head_mass)
+
+
+@triton.jit
+def _log_add_exp(a, b):
+    top = tl.maximum(a, b)
+    top = tl.where(top == float("-inf"), 0.0, top)  # both -inf: log(0) = -inf below
+    return top + tl.log(tl.exp(a - top) + tl.exp(b - top))
+
+
+@triton.jit
+def pointwise_terms(kind, log_p, log_q, param, log_wp, log_wq):
+    """(f, h = q df/dq) per position of pointwise divergence ``kind`` (1 + its index in
+    akl_kernels._validation.POINTWISE), from log-probabilities only: where both are below -104
+    the terms are exactly 0. The mixture m = w_p p + w_q q comes in as log w_p, log w_q (-inf
+    for a zero weight). Formulas: akl_kernels/pointwise.py."""
+    q = tl.exp(log_q)
+    f = tl.zeros_like(q)
+    h = tl.zeros_like(q)
+    if kind == 1:  # JSD(beta): beta KL(p || m) + (1 - beta) KL(q || m)
+        log_m = _log_add_exp(log_p + log_wp, log_q + log_wq)
+        q_part = q * (log_q - log_m)
+        f = param * tl.exp(log_p) * (log_p - log_m) + (1.0 - param) * q_part
+        h = (1.0 - param) * q_part
+    elif kind == 2:  # skew FKL: KL(p || lam p + (1 - lam) q)
+        log_m = _log_add_exp(log_p + log_wp, log_q + log_wq)
+        f = tl.exp(log_p) * (log_p - log_m)
+        h = -(1.0 - param) * tl.exp(log_p + log_q - log_m)
+    elif kind == 3:  # skew RKL: KL(q || (1 - lam) p + lam q)
+        log_m = _log_add_exp(log_p + log_wp, log_q + log_wq)
+        f = q * (log_q - log_m)
+        h = f + q - param * tl.exp(2.0 * log_q - log_m)
+    else:  # TVD: 0.5 |p - q|
+        diff = q - tl.exp(log_p)
+        f = 0.5 * tl.abs(diff)
+        h = tl.where(diff > 0, 0.5 * q, tl.where(diff < 0, -0.5 * q, 0.0))
+    return f, h
+
+
+@triton.jit
+def pointwise_sums(
+    s_row, t_row, V, inv_t, m_s, logz_s, m_t, logz_t, kind, param, log_wp, log_wq,
+    BLOCK: tl.constexpr,
+):
+    """(sum_C f, sum_C h) of pointwise divergence ``kind`` over one row."""
+    f_sum = tl.zeros([BLOCK], tl.float32)
+    h_sum = tl.zeros([BLOCK], tl.float32)
+    for start in range(0, V, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        zs = load_scaled(s_row, offs, V, inv_t)
+        zt = load_scaled(t_row, offs, V, inv_t)
+        contributing = (zs != float("-inf")) & (zt != float("-inf"))
+        f, h = pointwise_terms(
+            kind, (zt - m_t) - logz_t, (zs - m_s) - logz_s, param, log_wp, log_wq
+        )
+        f_sum += tl.where(contributing, f, 0.0)
+        h_sum += tl.where(contributing, h, 0.0)
+    return tl.sum(f_sum), tl.sum(h_sum)

@@ -1,0 +1,98 @@
+"""The benchmark suite runs here and compares like with like (no timing is asserted)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from benchmarks import cli
+from benchmarks.implementations import IMPLEMENTATIONS
+from benchmarks.measure import Case
+
+
+def _run(args, **env):
+    done = subprocess.run([sys.executable, *args], capture_output=True, text=True,
+                          env=os.environ | env, check=False, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout
+
+
+def test_cli_measures_every_implementation_on_the_same_inputs(tmp_path):
+    _run(["-m", "benchmarks", "--device", "cpu", "--n", "24", "--vocab", "1003", "--repeats",
+          "1", "--impls", "torch", "official", "official+compile", "kl_div", "--compile-losses",
+          "akl", "--out", str(tmp_path)])
+    result = json.loads((tmp_path / "bench_cpu.json").read_text())
+    records = result["records"]
+    assert result["meta"]["device_name"].startswith("CPU") and result["meta"]["torch"]
+    # 2 dtypes x (flat: torch 3 + official 3 + compiled akl 1 + kl_div fkl 1; peaked: AKL
+    # only, whose work alone depends on the teacher's values: torch, official, compiled)
+    assert len(records) == 2 * (8 + 3) and not result["skipped"]
+    for r in records:
+        assert "error" not in r, r
+        assert r["forward_ms"] > 0 and r["forward_backward_ms"] > 0 and r["peak_extra_bytes"] >= 0
+        same = [o for o in records if cli._same_inputs(o, r)]
+        official = next(o for o in same if o["impl"] == "official")
+        # Every implementation computes the same quantity: the benchmark compares like with like.
+        # (kl_div returns a bf16 loss for bf16 inputs: 8 bits of mantissa.)
+        tol = 1e-2 if r["dtype"] == "bfloat16" else 1e-4
+        assert abs(r["loss"] - official["loss"]) <= tol * abs(official["loss"]), (r, official)
+        assert r["speedup_vs_official"] > 0 and r["memory_vs_official"] >= 0
+    table = (tmp_path / "bench_cpu.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| 24 | 1003 |")]
+    assert len(rows) == len(records)  # one table row per case
+    assert "## Summary" in table
+    assert "## Parity" in table
+    for dtype in ("bfloat16", "float32"):
+        assert (tmp_path / f"bench_cpu_{dtype}.png").stat().st_size > 10_000
+    # --resume keeps what an earlier run measured: nothing is left to measure here.
+    (tmp_path / "earlier.json").write_text((tmp_path / "bench_cpu.json").read_text())
+    _run(["-m", "benchmarks", "--device", "cpu", "--n", "24", "--vocab", "1003",
+                "--impls", "torch", "official", "official+compile", "kl_div", "--compile-losses",
+                "akl", "--no-parity", "--resume", str(tmp_path / "earlier.json"), "--out",
+                str(tmp_path)])
+    resumed = json.loads((tmp_path / "bench_cpu.json").read_text())
+    assert resumed["meta"]["resumed"]["cases_kept"] == len(records)
+    assert [r["forward_ms"] for r in resumed["records"]] == [r["forward_ms"] for r in records]
+
+
+def test_quick_mode_is_the_small_grid(tmp_path):
+    args = cli.parse_args(["--device", "cpu", "--quick", "--out", str(tmp_path)])
+    cases, skipped = cli.plan(args, "cpu")
+    assert {c.impl for c in cases} == {"torch", "official", "kl_div"}
+    assert {(c.n, c.vocab) for c in cases} == {(512, 32000)} and not skipped  # none asked
+
+
+def test_plan_shrinks_rows_to_fit_and_times_the_library_on_them(monkeypatch):
+    args = cli.parse_args(["--device", "cpu", "--n", "4096", "--vocab", "128256", "--dtypes",
+                           "float32", "--teachers", "flat", "--losses", "akl"])
+    monkeypatch.setattr(cli, "free_memory_bytes", lambda device: 16 * 2**30)
+    cases, skipped = cli.plan(args, "cpu")
+    official = [c for c in cases if c.impl == "official"]
+    assert [c.n for c in official] == [1024]  # 48 B/element + inputs: 4096 and 2048 rows do not fit
+    library = {c.n for c in cases if c.impl == "torch"}
+    assert library == {4096, 1024}
+    assert {s["impl"] for s in skipped} == {"triton", "liger_jsd", "liger_kldiv"}  # CUDA only
+
+
+def test_rows_that_fit_halves_until_it_fits():
+    per_row = 1000 * (2 * 4 + IMPLEMENTATIONS["official"].bytes_per_element(4))
+    assert cli.rows_that_fit("official", 64, 1000, "float32", 64 * per_row / 0.8) == 64
+    assert cli.rows_that_fit("official", 64, 1000, "float32", 63 * per_row / 0.8) == 32
+    assert cli.rows_that_fit("official", 64, 1000, "float32", 0) == 0
+
+
+def test_a_failing_case_is_reported_not_hidden(monkeypatch):
+    from benchmarks import measure
+
+    case = Case("no-such-impl", "akl", 4, 100, "float32", "flat", "cpu")
+    record = measure.measure(case, repeats=1)
+    assert "error" in record and "no-such-impl" in record["error"]
+
+
+@pytest.mark.parametrize("selection", ["not compile"])
+def test_pytest_benchmark_suite_runs(selection):
+    out = _run(["-m", "pytest", "benchmarks/", "--benchmark-disable", "-q", "-p",
+                "no:cacheprovider", "-k", selection], AKL_BENCH_SHAPES="8x500")
+    assert " passed" in out and "failed" not in out

@@ -199,8 +199,6 @@ def distillation_loss(
     unknown = set(divergence_options) - _DIVERGENCE_OPTIONS[divergence]
     if unknown:
         raise TypeError(f"divergence={divergence!r} takes no option {sorted(unknown)[0]!r}")
-    if isinstance(kd_ratio, bool) or not isinstance(kd_ratio, (int, float)):
-        raise TypeError(f"kd_ratio must be a real number, got {type(kd_ratio).__name__}")
     checks.check_unit_interval("kd_ratio", kd_ratio)
     mu = divergence_options.get("mu", 0.5)
     include_crossing = divergence_options.get("include_crossing", False)

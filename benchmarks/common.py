@@ -70,16 +70,16 @@ def cuda_median_ms(fn, *, setup=None, min_repeats=5, max_repeats=100, target_ms=
     return statistics.median(start.elapsed_time(end) for start, end in events)
 
 
-def cpu_median_ms(fn, *, setup=None, repeats=5, warmup=1):
-    """Median wall time of fn over repeats after warm-up calls; setup runs untimed before each."""
+def cpu_median_ms(fn, *, setup=None, repeats=5):
+    """Median wall time of fn over repeats (the caller has warmed it up); setup runs untimed
+    before each call."""
     times = []
-    for i in range(warmup + repeats):
+    for _ in range(repeats):
         if setup is not None:
             setup()
         start = time.perf_counter()
         fn()
-        if i >= warmup:
-            times.append((time.perf_counter() - start) * 1e3)
+        times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times)
 
 

@@ -96,9 +96,8 @@ def run_case(case: Case, repeats: int, seed: int = 0) -> dict:
         _release_freed_memory()
         base = _rss_bytes("VmRSS")
         _reset_peak_rss()
-        forward_ms = cpu_median_ms(forward, repeats=repeats, warmup=0)
-        forward_backward_ms = cpu_median_ms(forward_backward, setup=clear_grad, repeats=repeats,
-                                            warmup=0)
+        forward_ms = cpu_median_ms(forward, repeats=repeats)
+        forward_backward_ms = cpu_median_ms(forward_backward, setup=clear_grad, repeats=repeats)
         peak = _rss_bytes("VmHWM") - base
     return dict(asdict(case), forward_ms=forward_ms, forward_backward_ms=forward_backward_ms,
                 peak_extra_bytes=peak, first_call_ms=first_call_ms, loss=loss_value,

@@ -1,6 +1,13 @@
 """Fused, memory-lean distillation losses (FKL, RKL, Adaptive KL and the divergences they are
 compared with) for large vocabularies."""
 
+from akl_kernels.linear_losses import (
+    fused_linear_akl_loss,
+    fused_linear_distillation_loss,
+    fused_linear_fkl_loss,
+    fused_linear_loss,
+    fused_linear_rkl_loss,
+)
 from akl_kernels.losses import (
     DistillationOutput,
     HeadTailStats,
@@ -19,6 +26,11 @@ from akl_kernels.modules import (
     AKLLoss,
     DistillationLoss,
     FKLLoss,
+    FusedLinearAKLLoss,
+    FusedLinearDistillationLoss,
+    FusedLinearFKLLoss,
+    FusedLinearLoss,
+    FusedLinearRKLLoss,
     JSDLoss,
     MixedKLLoss,
     RKLLoss,
@@ -32,6 +44,11 @@ __all__ = [
     "DistillationLoss",
     "DistillationOutput",
     "FKLLoss",
+    "FusedLinearAKLLoss",
+    "FusedLinearDistillationLoss",
+    "FusedLinearFKLLoss",
+    "FusedLinearLoss",
+    "FusedLinearRKLLoss",
     "HeadTailStats",
     "JSDLoss",
     "MixedKLLoss",
@@ -42,6 +59,11 @@ __all__ = [
     "akl_loss",
     "distillation_loss",
     "fkl_loss",
+    "fused_linear_akl_loss",
+    "fused_linear_distillation_loss",
+    "fused_linear_fkl_loss",
+    "fused_linear_loss",
+    "fused_linear_rkl_loss",
     "head_tail_stats",
     "jsd_loss",
     "mixed_kl_loss",

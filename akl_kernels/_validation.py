@@ -66,7 +66,7 @@ class LossConfig:
                           self.with_ce, self.kd_ratio)
 
 
-def _check_logits(name: str, logits) -> None:
+def _check_logits(name: str, logits, last: str = "vocabulary dimension (V = 0)") -> None:
     if not isinstance(logits, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(logits).__name__}")
     if logits.dtype not in SUPPORTED_DTYPES:
@@ -76,7 +76,7 @@ def _check_logits(name: str, logits) -> None:
     if logits.dim() < 1:
         raise ValueError(f"{name} must have at least one dimension (the vocabulary), got a scalar")
     if logits.shape[-1] < 1:
-        raise ValueError(f"{name} has an empty vocabulary dimension (V = 0)")
+        raise ValueError(f"{name} has an empty {last}")
 
 
 def check_logit_pair(student_logits, teacher_logits) -> None:
@@ -137,6 +137,33 @@ def check_class_labels(labels, valid, vocab) -> None:
         )
 
 
+# The options each divergence takes by keyword beyond the shared ones, and the default of its
+# parameter (beta for JSD, lam for the skew and mixed KLs).
+DIVERGENCE_OPTIONS = {"akl": {"mu", "include_crossing"}, "jsd": {"beta"}, "skew_fkl": {"lam"},
+                      "skew_rkl": {"lam"}, "mixed_kl": {"lam"}, "fkl": set(), "rkl": set(),
+                      "tvd": set()}
+PARAM_DEFAULTS = {"jsd": 0.5, "skew_fkl": 0.1, "skew_rkl": 0.1, "mixed_kl": 0.5}
+
+
+def divergence_config(divergence, options, *, temperature, with_ce=False, kd_ratio=1.0):
+    """The LossConfig of ``divergence`` with its keyword ``options`` (e.g. ``mu``, ``beta``),
+    every value checked; used wherever the divergence is chosen by name."""
+    if divergence not in DIVERGENCE_OPTIONS:
+        raise ValueError(
+            f"divergence must be one of {tuple(DIVERGENCE_OPTIONS)}, got {divergence!r}")
+    unknown = set(options) - DIVERGENCE_OPTIONS[divergence]
+    if unknown:
+        raise TypeError(f"divergence={divergence!r} takes no option {sorted(unknown)[0]!r}")
+    mu = options.get("mu", 0.5)
+    include_crossing = options.get("include_crossing", False)
+    param_name = "beta" if divergence == "jsd" else "lam"
+    param = options.get(param_name, PARAM_DEFAULTS.get(divergence, 0.0))
+    check_unit_interval(param_name, param)
+    check_options(mu=mu, include_crossing=include_crossing, temperature=temperature)
+    return LossConfig(divergence, float(mu), include_crossing, float(temperature), float(param),
+                      with_ce, float(kd_ratio)).normalized()
+
+
 def check_reduction(reduction) -> None:
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
@@ -160,6 +187,94 @@ def check_labels(labels, student_logits, ignore_index) -> None:
         )
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+
+
+def _check_hidden(name, hidden, teacher):
+    _check_logits(name, hidden, "hidden dimension (H = 0)")
+    if teacher and hidden.requires_grad and torch.is_grad_enabled():
+        raise ValueError(f"{name} requires grad: the teacher is not differentiated here; pass "
+                         f"{name}.detach() or compute it under torch.no_grad()")
+
+
+def _check_weight(name, weight, hidden_name, hidden, teacher):
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(weight).__name__}")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1] or weight.shape[0] < 1:
+        raise ValueError(f"{name} must have shape [V, {hidden.shape[-1]}] (V >= 1, the hidden "
+                         f"size of {hidden_name}), got {tuple(weight.shape)}")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"{name} must have the dtype of {hidden_name} ({hidden.dtype}), got "
+                        f"{weight.dtype}")
+    if weight.device != hidden.device:
+        raise ValueError(f"{name} must be on the device of {hidden_name} ({hidden.device}), got "
+                         f"{weight.device}")
+    if teacher and weight.requires_grad and torch.is_grad_enabled():
+        raise ValueError(f"{name} requires grad: the teacher is not differentiated here; pass "
+                         f"{name}.detach() or call teacher.requires_grad_(False)")
+
+
+def _check_bias(name, bias, weight_name, weight):
+    if bias is None:
+        return
+    if not isinstance(bias, torch.Tensor) or not bias.dtype.is_floating_point:
+        raise TypeError(f"{name} must be a floating-point torch.Tensor or None")
+    if tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"{name} must have shape [{weight.shape[0]}] (the rows of "
+                         f"{weight_name}), got {tuple(bias.shape)}")
+    if bias.device != weight.device:
+        raise ValueError(f"{name} must be on the device of {weight_name} ({weight.device}), "
+                         f"got {bias.device}")
+
+
+def check_linear_inputs(student_hidden, student_weight, student_bias, teacher_hidden,
+                        teacher_weight, teacher_bias, teacher_logits) -> None:
+    """The fused linear losses' tensors: a student head, and a teacher head or logits."""
+    _check_hidden("student_hidden", student_hidden, False)
+    _check_weight("student_weight", student_weight, "student_hidden", student_hidden, False)
+    _check_bias("student_bias", student_bias, "student_weight", student_weight)
+    vocab, lead = student_weight.shape[0], tuple(student_hidden.shape[:-1])
+    head_given = teacher_hidden is not None or teacher_weight is not None
+    if head_given == (teacher_logits is not None):
+        raise ValueError("pass the teacher either as teacher_hidden and teacher_weight or as "
+                         "teacher_logits (exactly one of the two)")
+    if teacher_logits is not None:
+        if teacher_bias is not None:
+            raise ValueError("teacher_bias goes with teacher_weight, not with teacher_logits")
+        _check_logits("teacher_logits", teacher_logits)
+        if tuple(teacher_logits.shape) != lead + (vocab,):
+            raise ValueError(f"teacher_logits must have shape {lead + (vocab,)} (the student's "
+                             f"rows and V), got {tuple(teacher_logits.shape)}")
+        if teacher_logits.requires_grad and torch.is_grad_enabled():
+            raise ValueError("teacher_logits requires grad: the teacher is not differentiated "
+                             "here; pass teacher_logits.detach()")
+        if teacher_logits.device != student_hidden.device:
+            raise ValueError("teacher_logits must be on the device of student_hidden "
+                             f"({student_hidden.device}), got {teacher_logits.device}")
+        return
+    if teacher_hidden is None or teacher_weight is None:
+        raise ValueError("teacher_hidden and teacher_weight go together")
+    _check_hidden("teacher_hidden", teacher_hidden, True)
+    if tuple(teacher_hidden.shape[:-1]) != lead:
+        raise ValueError(f"teacher_hidden must have the student's leading shape {lead}, got "
+                         f"{tuple(teacher_hidden.shape[:-1])}")
+    if teacher_hidden.device != student_hidden.device:
+        raise ValueError("teacher_hidden must be on the device of student_hidden "
+                         f"({student_hidden.device}), got {teacher_hidden.device}")
+    _check_weight("teacher_weight", teacher_weight, "teacher_hidden", teacher_hidden, True)
+    if teacher_weight.shape[0] != vocab:
+        raise ValueError(f"teacher_weight must have the student's vocabulary size V = {vocab} "
+                         f"rows, got {teacher_weight.shape[0]}")
+    _check_bias("teacher_bias", teacher_bias, "teacher_weight", teacher_weight)
+
+
+def check_chunk_size(chunk_size) -> None:
+    if chunk_size is None:
+        return
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral):
+        raise TypeError(f"chunk_size must be a positive int or None, got "
+                        f"{type(chunk_size).__name__}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
 
 
 def triton_interpreter_enabled() -> bool:

@@ -6,9 +6,11 @@ reduction, the ``grad_output`` handling and ignored rows live here once.
 
 Backend protocol (``akl_kernels.chunked`` and ``akl_kernels.kernels``):
 - ``forward(s2d, t2d, valid, cfg, with_head_stats, labels) -> RowResult``
-- ``backward(s2d, t2d, row_stats, coef, cfg, labels) -> grad``, in the student's dtype, with
-  ``grad[i] = coef[i] * d loss_i / d s_i`` (the 1/T of the divergence's part included by the
-  backend) and exactly zero where ``coef[i] == 0``.
+- ``backward(s2d, t2d, row_stats, coef, cfg, labels, grad_dtype=None) -> grad``, in
+  ``grad_dtype`` (default the student's dtype), with ``grad[i] = coef[i] * d loss_i / d s_i``
+  (the 1/T of the divergence's part included by the backend) and exactly zero where
+  ``coef[i] == 0``. It is elementwise given the row statistics, so s2d and t2d may be a block
+  of the vocabulary's columns (labels then shifted by the block's start).
 ``labels`` ([N] int64) are the cross-entropy's targets when ``cfg.with_ce``, else None.
 """
 

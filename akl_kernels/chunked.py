@@ -284,18 +284,22 @@ def _pointwise_grad(zs, zt, st, coef, cfg, finite):
 
 
 def _add_cross_entropy_grad(g, s1, st, labels, coef):
-    """g += coef * (softmax(s1) - onehot(labels)), zero where coef is 0. Consumes s1."""
+    """g += coef * (softmax(s1) - onehot(labels)), zero where coef is 0. Consumes s1.
+
+    A label outside [0, V) has no one-hot entry here: the fused linear path passes a block of
+    the vocabulary with the labels shifted by the block's start."""
     q1 = s1.sub_(st[:, M_1, None]).sub_(st[:, LOGZ_1, None]).exp_()
+    in_block = (labels >= 0) & (labels < s1.shape[1])
     q1.scatter_add_(1, labels.clamp(0, s1.shape[1] - 1)[:, None],
-                    -torch.ones_like(q1[:, :1]))
+                    -in_block[:, None].to(q1.dtype))
     return torch.where(coef[:, None] != 0, g + coef[:, None] * q1, g)
 
 
-def backward(s2d, t2d, row_stats, coef, cfg, labels=None):
+def backward(s2d, t2d, row_stats, coef, cfg, labels=None, grad_dtype=None):
     n_rows, vocab = s2d.shape
     dtype = row_stats.dtype
     inv_t = 1.0 / cfg.temperature
-    grad = torch.empty((n_rows, vocab), dtype=s2d.dtype, device=s2d.device)
+    grad = torch.empty((n_rows, vocab), dtype=grad_dtype or s2d.dtype, device=s2d.device)
     kind = cfg.kind if cfg.kind in POINTWISE else "fkl"
     divergence_coef = coef * (cfg.kd_ratio * inv_t)  # d zs / d s = 1/T
     for r0, r1 in _chunks(n_rows, chunk_rows(vocab, dtype, kind)):

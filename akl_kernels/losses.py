@@ -161,13 +161,6 @@ class DistillationOutput(NamedTuple):
     divergence: torch.Tensor
 
 
-# The options each divergence takes in distillation_loss (beyond the shared ones).
-_DIVERGENCE_OPTIONS = {"akl": {"mu", "include_crossing"}, "jsd": {"beta"}, "skew_fkl": {"lam"},
-                       "skew_rkl": {"lam"}, "mixed_kl": {"lam"}, "fkl": set(), "rkl": set(),
-                       "tvd": set()}
-_PARAM_DEFAULTS = {"jsd": 0.5, "skew_fkl": 0.1, "skew_rkl": 0.1, "mixed_kl": 0.5}
-
-
 def distillation_loss(
     student_logits,
     teacher_logits,
@@ -193,20 +186,10 @@ def distillation_loss(
     mixed KLs). ``return_parts=True`` returns ``DistillationOutput(loss, cross_entropy,
     divergence)``. No ``T**2`` factor is applied.
     """
-    if divergence not in _DIVERGENCE_OPTIONS:
-        raise ValueError(
-            f"divergence must be one of {tuple(_DIVERGENCE_OPTIONS)}, got {divergence!r}")
-    unknown = set(divergence_options) - _DIVERGENCE_OPTIONS[divergence]
-    if unknown:
-        raise TypeError(f"divergence={divergence!r} takes no option {sorted(unknown)[0]!r}")
     checks.check_unit_interval("kd_ratio", kd_ratio)
-    mu = divergence_options.get("mu", 0.5)
-    include_crossing = divergence_options.get("include_crossing", False)
-    param_name = "beta" if divergence == "jsd" else "lam"
-    param = divergence_options.get(param_name, _PARAM_DEFAULTS.get(divergence, 0.0))
-    checks.check_unit_interval(param_name, param)
+    cfg = checks.divergence_config(divergence, divergence_options, temperature=temperature,
+                                   with_ce=True, kd_ratio=kd_ratio)
     checks.check_logit_pair(student_logits, teacher_logits)
-    checks.check_options(mu=mu, include_crossing=include_crossing, temperature=temperature)
     checks.check_reduction(reduction)
     if labels is None:
         raise ValueError("labels are required: they are the cross-entropy's targets")
@@ -215,8 +198,6 @@ def distillation_loss(
     n_rows = student_logits.numel() // student_logits.shape[-1]
     valid = _valid_rows(labels, ignore_index, n_rows, student_logits.device)
     checks.check_class_labels(labels, valid, student_logits.shape[-1])
-    cfg = checks.LossConfig(divergence, float(mu), include_crossing, float(temperature),
-                            float(param), True, float(kd_ratio)).normalized()
     loss, divergence_part, ce_part = DivergenceFunction.apply(
         student_logits, teacher_logits, valid, cfg, _backend_module(backend_name), reduction,
         labels.reshape(-1).to(torch.int64),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from akl_kernels import _validation as checks
+from akl_kernels.linear_losses import fused_linear_distillation_loss, fused_linear_loss
 from akl_kernels.losses import distillation_loss, divergence_loss
 
 
@@ -143,3 +144,67 @@ class DistillationLoss(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+
+
+class FusedLinearLoss(torch.nn.Module):
+    """A divergence from hidden states; see ``akl_kernels.fused_linear_loss``.
+
+    Called as ``(student_hidden, student_weight, labels=None, *, teacher_hidden=None,
+    teacher_weight=None, teacher_logits=None, student_bias=None, teacher_bias=None)``, e.g.
+    with ``student.lm_head.weight``; the options are fixed at construction.
+    """
+
+    def __init__(self, divergence="akl", *, temperature=1.0, ignore_index=-100,
+                 reduction="mean", chunk_size=None, backend="auto", **divergence_options):
+        super().__init__()
+        checks.divergence_config(divergence, divergence_options, temperature=temperature)
+        checks.check_reduction(reduction)
+        checks.check_chunk_size(chunk_size)
+        if backend not in checks.BACKENDS:
+            raise ValueError(f"backend must be one of {checks.BACKENDS}, got {backend!r}")
+        self.options = dict(divergence=divergence, temperature=temperature,
+                            ignore_index=ignore_index, reduction=reduction,
+                            chunk_size=chunk_size, backend=backend, **divergence_options)
+
+    def forward(self, student_hidden, student_weight, labels=None, **teacher_and_biases):
+        return fused_linear_loss(student_hidden, student_weight, labels, **teacher_and_biases,
+                                 **self.options)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+
+
+class FusedLinearAKLLoss(FusedLinearLoss):
+    """Adaptive KL from hidden states; see ``akl_kernels.fused_linear_akl_loss``."""
+
+    def __init__(self, *, mu=0.5, include_crossing=False, **options):
+        super().__init__("akl", mu=mu, include_crossing=include_crossing, **options)
+
+
+class FusedLinearFKLLoss(FusedLinearLoss):
+    """Forward KL from hidden states; see ``akl_kernels.fused_linear_fkl_loss``."""
+
+    def __init__(self, **options):
+        super().__init__("fkl", **options)
+
+
+class FusedLinearRKLLoss(FusedLinearLoss):
+    """Reverse KL from hidden states; see ``akl_kernels.fused_linear_rkl_loss``."""
+
+    def __init__(self, **options):
+        super().__init__("rkl", **options)
+
+
+class FusedLinearDistillationLoss(FusedLinearLoss):
+    """``(1 - kd_ratio) CE + kd_ratio divergence`` from hidden states; see
+    ``akl_kernels.fused_linear_distillation_loss``. Called like ``FusedLinearLoss`` with the
+    labels required."""
+
+    def __init__(self, divergence="akl", *, kd_ratio=0.5, return_parts=False, **options):
+        checks.check_unit_interval("kd_ratio", kd_ratio)
+        super().__init__(divergence, **options)
+        self.options |= dict(kd_ratio=kd_ratio, return_parts=return_parts)
+
+    def forward(self, student_hidden, student_weight, labels, **teacher_and_biases):
+        return fused_linear_distillation_loss(student_hidden, student_weight, labels,
+                                              **teacher_and_biases, **self.options)

@@ -32,7 +32,7 @@ class Case:
     device: str
 
 
-def _rss_bytes(field):
+def rss_bytes(field):
     with open("/proc/self/status") as status:
         for line in status:
             if line.startswith(field + ":"):
@@ -40,7 +40,7 @@ def _rss_bytes(field):
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def _release_freed_memory():
+def release_freed_memory():
     """Give freed heap pages back to the OS so the baseline RSS holds only live memory."""
     gc.collect()
     try:
@@ -49,31 +49,21 @@ def _release_freed_memory():
         pass
 
 
-def _reset_peak_rss():
+def reset_peak_rss():
     # Writing 5 to clear_refs resets VmHWM (the peak RSS) to the current RSS (Linux >= 4.0).
     with open("/proc/self/clear_refs", "w") as clear:
         clear.write("5")
 
 
-def run_case(case: Case, repeats: int, seed: int = 0) -> dict:
-    """Measure one case here, in this process."""
-    fn = IMPLEMENTATIONS[case.impl].build(case.kind)
-    student, teacher = make_inputs(case.n, case.vocab, getattr(torch, case.dtype), case.teacher,
-                                   case.device, seed=seed)
-    student.requires_grad_(True)
-    cuda = case.device == "cuda"
+def time_and_peak(forward, clear_grad, cuda: bool, repeats: int, time_forward=True) -> dict:
+    """Measure a loss closure: a first call (compilation and loading, timed on its own), then
+    the peak memory of one forward+backward above what is allocated now, then median times.
+    ``forward()`` returns the loss; ``clear_grad()`` drops the inputs' gradients."""
     sync = torch.cuda.synchronize if cuda else (lambda: None)
 
-    def clear_grad():
-        student.grad = None
-
-    def forward():  # as in training: the autograd graph is built, then dropped
-        return fn(student, teacher)
-
     def forward_backward():
-        fn(student, teacher).backward()
+        forward().backward()
 
-    # The first call compiles (torch.compile, Triton) and loads code; it is timed on its own.
     start = time.perf_counter()
     loss = forward()
     loss.backward()
@@ -83,6 +73,7 @@ def run_case(case: Case, repeats: int, seed: int = 0) -> dict:
     del loss
     clear_grad()
 
+    forward_ms = None
     if cuda:
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
@@ -90,17 +81,36 @@ def run_case(case: Case, repeats: int, seed: int = 0) -> dict:
         sync()
         peak = torch.cuda.max_memory_allocated() - base
         clear_grad()
-        forward_ms = cuda_median_ms(forward)
+        if time_forward:
+            forward_ms = cuda_median_ms(forward)
         forward_backward_ms = cuda_median_ms(forward_backward, setup=clear_grad)
     else:
-        _release_freed_memory()
-        base = _rss_bytes("VmRSS")
-        _reset_peak_rss()
-        forward_ms = cpu_median_ms(forward, repeats=repeats)
+        release_freed_memory()
+        base = rss_bytes("VmRSS")
+        reset_peak_rss()
+        if time_forward:
+            forward_ms = cpu_median_ms(forward, repeats=repeats)
         forward_backward_ms = cpu_median_ms(forward_backward, setup=clear_grad, repeats=repeats)
-        peak = _rss_bytes("VmHWM") - base
-    return dict(asdict(case), forward_ms=forward_ms, forward_backward_ms=forward_backward_ms,
-                peak_extra_bytes=peak, first_call_ms=first_call_ms, loss=loss_value,
+        peak = rss_bytes("VmHWM") - base
+    return dict(forward_ms=forward_ms, forward_backward_ms=forward_backward_ms,
+                peak_extra_bytes=peak, first_call_ms=first_call_ms, loss=loss_value)
+
+
+def run_case(case: Case, repeats: int, seed: int = 0) -> dict:
+    """Measure one case here, in this process."""
+    fn = IMPLEMENTATIONS[case.impl].build(case.kind)
+    student, teacher = make_inputs(case.n, case.vocab, getattr(torch, case.dtype), case.teacher,
+                                   case.device, seed=seed)
+    student.requires_grad_(True)
+    cuda = case.device == "cuda"
+
+    def clear_grad():
+        student.grad = None
+
+    def forward():  # as in training: the autograd graph is built, then dropped
+        return fn(student, teacher)
+
+    return dict(asdict(case), **time_and_peak(forward, clear_grad, cuda, repeats),
                 repeats=repeats if not cuda else "adaptive (>= 5)")
 
 

@@ -96,3 +96,20 @@ def test_pytest_benchmark_suite_runs(selection):
     out = _run(["-m", "pytest", "benchmarks/", "--benchmark-disable", "-q", "-p",
                 "no:cacheprovider", "-k", selection], AKL_BENCH_SHAPES="8x500")
     assert " passed" in out and "failed" not in out
+
+
+def test_fused_linear_benchmark_runs_and_agrees(tmp_path):
+    """benchmarks.fused_linear on a tiny shape: fused and unfused in fresh processes, with the
+    same loss value and a table."""
+    import json
+
+    from benchmarks import fused_linear as bench
+
+    rc = bench.main(["--shape", "64", "16", "300", "--impls", "fused", "unfused",
+                     "--kinds", "akl", "--repeats", "1", "--out", str(tmp_path)])
+    assert rc == 0
+    records = json.loads((tmp_path / "fused_linear.json").read_text())["records"]
+    assert [r["impl"] for r in records] == ["fused", "unfused"]
+    assert abs(records[0]["loss"] - records[1]["loss"]) <= 1e-4 * abs(records[1]["loss"])
+    assert all(r["peak_extra_bytes"] > 0 and r["forward_backward_ms"] > 0 for r in records)
+    assert "| akl | fused |" in (tmp_path / "fused_linear.md").read_text()

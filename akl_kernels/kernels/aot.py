@@ -46,10 +46,10 @@ def _forward_source(s_type, t_type, head_split, pointwise, with_ce, launch):
     return ASTSource(_divergence_forward_kernel, signature, constexprs=constexprs)
 
 
-def _backward_source(s_type, t_type, pointwise, with_ce, launch):
+def _backward_source(s_type, t_type, pointwise, with_ce, launch, grad_type=None):
     signature = {
         "s_ptr": f"*{s_type}", "t_ptr": f"*{t_type}", "stats_ptr": "*fp32", "coef_ptr": "*fp32",
-        "grad_ptr": f"*{s_type}", "labels_ptr": "*i64", "V": "i32", "stride_s": "i32",
+        "grad_ptr": f"*{grad_type or s_type}", "labels_ptr": "*i64", "V": "i32", "stride_s": "i32",
         "stride_t": "i32", "inv_t": "fp32", "pointwise": "i32", "param": "fp32", "log_wp": "fp32",
         "log_wq": "fp32", "t_scale": "fp32", "kd_scale": "fp32",
         "ce_weight": "fp32", "POINTWISE": "constexpr", "WITH_CE": "constexpr", "BLOCK": "constexpr",
@@ -79,6 +79,14 @@ def specialisations():
             continue
         name = f"grad[{s},{t},pointwise={point},ce={with_ce},BLOCK={launch['BLOCK']}]"
         yield name, _backward_source(s, t, point, with_ce, launch), launch["num_warps"]
+    # The fused linear losses' backward: float32 logits tiles, the gradient written in the
+    # weight's dtype for the gradient GEMMs (akl_kernels/fused_linear.py).
+    for with_ce, launch, grad, point in itertools.product(
+            (False, True), backward_launches, ("bf16", "fp16"), (False, True)):
+        name = (f"grad[fp32,fp32->{grad},pointwise={point},ce={with_ce},"
+                f"BLOCK={launch['BLOCK']}]")
+        yield name, _backward_source("fp32", "fp32", point, with_ce, launch, grad), \
+            launch["num_warps"]
 
 
 def compile_for(source, num_warps, arch):

@@ -77,9 +77,9 @@ def _divergence_grad_kernel(
     tl.store(grad_ptr + row * V + offs, grad.to(grad_ptr.dtype.element_ty), mask=offs < V)
 
 
-def backward(s2d, t2d, row_stats, coef, cfg, labels=None):
+def backward(s2d, t2d, row_stats, coef, cfg, labels=None, grad_dtype=None):
     n_rows, vocab = s2d.shape
-    grad = torch.empty((n_rows, vocab), dtype=s2d.dtype, device=s2d.device)
+    grad = torch.empty((n_rows, vocab), dtype=grad_dtype or s2d.dtype, device=s2d.device)
     if n_rows > 0:
         launch = heuristics.backward_launch(vocab)
         grid = (n_rows, triton.cdiv(vocab, launch["BLOCK"]))

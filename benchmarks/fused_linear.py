@@ -1,0 +1,226 @@
+"""Fused linear losses against the unfused path and Liger-Kernel's fused linear JSD (issue 6).
+
+    python -m benchmarks.fused_linear                  # CPU: N 4096, H 1024, V 32000, float32
+    python -m benchmarks.fused_linear --device cuda    # N 8192, H 4096, V 128256, bfloat16
+
+Every implementation gets the same student hidden states and head weight and the same teacher
+hidden states and head weight, and returns the token mean over all rows:
+- ``fused``: this library's ``fused_linear_loss`` (teacher given as hidden states + weight),
+  with its default 256 MiB tile budget; ``fused_budget1024`` the same with 1 GiB
+  (``AKL_FUSED_LINEAR_BUDGET_MB``): fewer, larger tiles, for the speed/memory trade-off;
+- ``unfused``: ``hidden @ weight.T`` for both models in the inputs' dtype (the teacher's under
+  ``no_grad``), then this library's loss on those logits, as a training step without fusion
+  would do;
+- ``liger_fljsd``: Liger-Kernel's Triton ``LigerFusedLinearJSD`` at beta 0 (forward KL),
+  CUDA only;
+- ``liger_fljsd_loss``: Liger-Kernel's ``chunked_loss.LigerFusedLinearJSDLoss`` (torch.compile)
+  at beta 0 with its hard-label weight 0 (forward KL).
+Metrics per case: the median forward+backward time (gradients for the student's hidden states
+and weight) after a warm-up call, and the peak memory above the inputs during it (CUDA:
+``max_memory_allocated``; CPU: the peak resident memory of a fresh process per case).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+import akl_kernels
+from akl_kernels import fused_linear
+from benchmarks.common import device_meta, fmt
+from benchmarks.measure import time_and_peak
+
+IMPLS = ("fused", "fused_budget1024", "unfused", "liger_fljsd", "liger_fljsd_loss")
+# Shapes of issue 6, per device: (N, H, V, dtype).
+DEFAULT_SHAPES = {"cpu": (4096, 1024, 32000, "float32"), "cuda": (8192, 4096, 128256, "bfloat16")}
+
+
+@dataclass(frozen=True)
+class Case:
+    impl: str
+    kind: str
+    n: int
+    hidden: int
+    vocab: int
+    dtype: str
+    device: str
+
+
+def _fused(kind, budget_mb=fused_linear.DEFAULT_BUDGET_MB):
+    def run(h, w, th, tw, labels):
+        os.environ["AKL_FUSED_LINEAR_BUDGET_MB"] = str(budget_mb)  # read at each call
+        return akl_kernels.fused_linear_loss(h, w, labels, divergence=kind, teacher_hidden=th,
+                                             teacher_weight=tw)
+
+    return run
+
+
+def _unfused(kind):
+    def run(h, w, th, tw, labels):
+        with torch.no_grad():
+            teacher_logits = th @ tw.T
+        return akl_kernels.losses.divergence_loss(kind, h @ w.T, teacher_logits, labels)
+
+    return run
+
+
+def _liger_fljsd(kind):
+    from liger_kernel.transformers.fused_linear_jsd import LigerFusedLinearJSD
+
+    loss = LigerFusedLinearJSD(jsd_beta=0.0)  # beta 0: KL(teacher || student), FKL
+    return lambda h, w, th, tw, labels: loss(h, w, th, tw, labels)
+
+
+def _liger_fljsd_loss(kind):
+    from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
+
+    loss = LigerFusedLinearJSDLoss(weight_hard_loss=0.0, weight_soft_loss=1.0, beta=0.0)
+    return lambda h, w, th, tw, labels: loss(h, w, th, tw, labels)
+
+
+BUILDERS = {"fused": _fused, "fused_budget1024": lambda kind: _fused(kind, 1024),
+            "unfused": _unfused, "liger_fljsd": _liger_fljsd,
+            "liger_fljsd_loss": _liger_fljsd_loss}
+
+
+def unavailable(impl, kind, device):
+    """Why a case cannot run, or None."""
+    if impl.startswith("liger"):
+        if kind != "fkl":
+            return "Liger-Kernel's fused linear JSD computes FKL (beta 0), not " + kind
+        try:
+            import liger_kernel  # noqa: F401
+        except ImportError:
+            return "liger-kernel is not installed"
+        if impl == "liger_fljsd" and device != "cuda":
+            return "LigerFusedLinearJSD is a Triton kernel: CUDA only"
+    return None
+
+
+def make_head_inputs(n, hidden, vocab, dtype, device, seed=0):
+    """Hidden states ~ N(0, 1) and head weights scaled so that the student's logits have a
+    standard deviation of about 2 and the teacher's about 4 (a peakier teacher)."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+
+    def normal(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen, device=device) * scale).to(dtype)
+
+    student_hidden, teacher_hidden = normal(n, hidden), normal(n, hidden)
+    student_weight = normal(vocab, hidden, scale=2.0 / math.sqrt(hidden))
+    teacher_weight = normal(vocab, hidden, scale=4.0 / math.sqrt(hidden))
+    labels = torch.randint(0, vocab, (n,), generator=gen, device=device)
+    return student_hidden, student_weight, teacher_hidden, teacher_weight, labels
+
+
+def run_case(case: Case, repeats: int) -> dict:
+    fn = BUILDERS[case.impl](case.kind)
+    h, w, th, tw, labels = make_head_inputs(case.n, case.hidden, case.vocab,
+                                            getattr(torch, case.dtype), case.device)
+    h.requires_grad_(True)
+    w.requires_grad_(True)
+
+    def clear_grad():
+        h.grad = w.grad = None
+
+    result = time_and_peak(lambda: fn(h, w, th, tw, labels), clear_grad, case.device == "cuda",
+                           repeats, time_forward=False)
+    return dict(asdict(case), **result)
+
+
+def measure(case: Case, repeats: int) -> dict:
+    if case.device == "cpu":  # a fresh process per case, so its peak RSS is its own
+        cmd = [sys.executable, "-m", "benchmarks.fused_linear", "--case",
+               json.dumps([asdict(case), repeats])]
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            return dict(asdict(case), error=(done.stderr or done.stdout)[-1500:])
+        return json.loads(done.stdout.strip().splitlines()[-1])
+    try:
+        return run_case(case, repeats)
+    except torch.cuda.OutOfMemoryError as error:
+        return dict(asdict(case), error=f"out of memory: {str(error)[:200]}")
+    finally:
+        torch.cuda.empty_cache()
+
+
+def markdown(meta, records) -> str:
+    base = {r["kind"]: r for r in records if r["impl"] == "unfused" and "error" not in r}
+    n, hidden, vocab, dtype = (records[0][k] for k in ("n", "hidden", "vocab", "dtype"))
+    lines = [
+        f"# Fused linear losses: {meta['device_name']}",
+        "",
+        f"torch {meta['torch']}, triton {meta['triton']}, {meta['date']}. N = {n}, H = {hidden}, "
+        f"V = {vocab}, {dtype}; student and teacher heads of the same shape; forward+backward "
+        "(gradients for the student's hidden states and weight); peak memory above the inputs "
+        "(gradients included). Ratios are to the unfused path measured in the same run.",
+        "",
+        "| loss | implementation | fwd+bwd ms | x unfused time | peak MiB | x unfused memory "
+        "| loss value |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in records:
+        if "error" in r:
+            lines.append(f"| {r['kind']} | {r['impl']} | error: {r['error'][:80]} | | | | |")
+            continue
+        ref = base.get(r["kind"])
+        t_ratio = r["forward_backward_ms"] / ref["forward_backward_ms"] if ref else None
+        m_ratio = r["peak_extra_bytes"] / ref["peak_extra_bytes"] if ref else None
+        lines.append(
+            f"| {r['kind']} | {r['impl']} | {fmt(r['forward_backward_ms'])} | {fmt(t_ratio)} "
+            f"| {fmt(r['peak_extra_bytes'] / 2**20, 4)} | {fmt(m_ratio)} | {fmt(r['loss'], 5)} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--shape", type=int, nargs=3, metavar=("N", "H", "V"))
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"))
+    parser.add_argument("--kinds", nargs="+", default=["fkl", "akl"])
+    parser.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS)
+    parser.add_argument("--repeats", type=int, default=3, help="CPU repeats (CUDA: adaptive)")
+    parser.add_argument("--out", default=None, help="directory (default benchmarks/results/"
+                        "<device>-fused-linear)")
+    parser.add_argument("--case", help=argparse.SUPPRESS)  # internal: one CPU case
+    args = parser.parse_args(argv)
+    if args.case:
+        fields, repeats = json.loads(args.case)
+        print(json.dumps(run_case(Case(**fields), repeats)))
+        return 0
+    device = args.device if args.device != "auto" else (
+        "cuda" if torch.cuda.is_available() else "cpu")
+    n, hidden, vocab, dtype = DEFAULT_SHAPES[device]
+    if args.shape:
+        n, hidden, vocab = args.shape
+    dtype = args.dtype or dtype
+    out = Path(args.out or f"benchmarks/results/{device}-fused-linear")
+    out.mkdir(parents=True, exist_ok=True)
+    meta = device_meta(device)
+    records = []
+    for kind in args.kinds:
+        for impl in args.impls:
+            why = unavailable(impl, kind, device)
+            if why:
+                print(f"skip {impl} {kind}: {why}", flush=True)
+                continue
+            record = measure(Case(impl, kind, n, hidden, vocab, dtype, device), args.repeats)
+            records.append(record)
+            print(json.dumps(record), flush=True)
+            (out / "fused_linear.json").write_text(json.dumps(dict(meta=meta, records=records),
+                                                              indent=1))
+    if records:
+        (out / "fused_linear.md").write_text(markdown(meta, records))
+        print((out / "fused_linear.md").read_text())
+    return 0 if records and all("error" not in r for r in records) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,165 @@
+"""Hugging Face ``transformers`` integration: distil a teacher into a causal LM.
+
+- ``causal_lm_distillation_loss``: the loss of one batch for a custom loop: next-token labels,
+  a teacher whose padded vocabulary differs, the loss parts for logging.
+- ``DistillationTrainer``: a ``transformers.Trainer`` whose loss is that (or its fused linear
+  form, straight from the last hidden states), with the teacher in eval mode without gradients
+  and the parts logged through the Trainer's logging.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import NamedTuple
+
+import torch
+from transformers import Trainer
+
+from akl_kernels.linear_losses import fused_linear_distillation_loss
+from akl_kernels.losses import distillation_loss, head_tail_stats
+
+logger = logging.getLogger(__name__)
+
+
+class CausalLMDistillation(NamedTuple):
+    """One batch's loss and its parts (each the mean over predicted tokens; no gradient on the
+    parts). ``head_weight`` is AKL's mean ``w_head`` (None for other divergences or when not
+    asked for)."""
+
+    loss: torch.Tensor
+    cross_entropy: torch.Tensor
+    divergence: torch.Tensor
+    head_weight: torch.Tensor | None
+
+
+def next_token_labels(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """``labels`` shifted left by one along the sequence (position i is scored on token i + 1),
+    the last position ignored. Shifting the labels instead of the logits keeps the logits
+    unsliced, so no copy of them is made."""
+    shifted = torch.full_like(labels, ignore_index)
+    shifted[..., :-1] = labels[..., 1:]
+    return shifted
+
+
+def shared_vocabulary(student_size: int, teacher_size: int, warn_once: list | None = None) -> int:
+    """The leading vocabulary both models have: a teacher (or student) padded to a larger
+    vocabulary (e.g. a multiple of 64) is cut to the other's size, said once per ``warn_once``
+    list (an empty list the first time)."""
+    shared = min(student_size, teacher_size)
+    if student_size != teacher_size and (warn_once is None or not warn_once):
+        logger.warning("student vocabulary %d != teacher vocabulary %d: distilling on the shared "
+                       "leading %d entries", student_size, teacher_size, shared)
+        if warn_once is not None:
+            warn_once.append(True)
+    return shared
+
+
+def causal_lm_distillation_loss(student_logits, teacher_logits, labels, *, divergence="akl",
+                                kd_ratio=0.5, temperature=1.0, ignore_index=-100,
+                                with_head_weight=True, backend="auto", warn_once=None,
+                                **divergence_options) -> CausalLMDistillation:
+    """``distillation_loss`` for causal LM outputs ``[B, L, V]`` and the batch's unshifted
+    ``labels`` ``[B, L]``: ``(1 - kd_ratio) CE + kd_ratio divergence`` on next-token
+    positions, over the vocabulary both models share. ``kd_ratio = 1`` is pure distillation."""
+    vocab = shared_vocabulary(student_logits.shape[-1], teacher_logits.shape[-1], warn_once)
+    student_logits, teacher_logits = student_logits[..., :vocab], teacher_logits[..., :vocab]
+    targets = next_token_labels(labels, ignore_index)
+    out = distillation_loss(student_logits, teacher_logits, targets, divergence=divergence,
+                            kd_ratio=kd_ratio, temperature=temperature,
+                            ignore_index=ignore_index, backend=backend, return_parts=True,
+                            **divergence_options)
+    head_weight = None
+    if with_head_weight and divergence == "akl":
+        split = {k: v for k, v in divergence_options.items() if k in ("mu", "include_crossing")}
+        stats = head_tail_stats(student_logits.detach(), teacher_logits, temperature=temperature,
+                                backend=backend, **split)
+        valid = targets != ignore_index
+        head_weight = stats.head_weight[valid].mean() if valid.any() else stats.head_weight.sum()
+    return CausalLMDistillation(out.loss, out.cross_entropy, out.divergence, head_weight)
+
+
+class DistillationTrainer(Trainer):
+    """A ``transformers.Trainer`` that distils ``teacher_model`` into ``model`` (both causal LMs
+    taking the same ``input_ids``), MiniLLM / AKL-paper style:
+    ``loss = (1 - kd_ratio) CE(labels) + kd_ratio divergence(student, teacher)`` per predicted
+    token, the batch's ``labels`` unshifted (as for the model's own loss).
+
+    ``divergence`` is any of this library's ("akl" by default, with ``mu``); further options
+    (``beta``, ``lam``, ``include_crossing``) go in ``divergence_options``. With
+    ``fused_linear=True`` the loss is computed from both models' last hidden states and output
+    embeddings, so neither model's logits are stored (``fused_linear_distillation_loss``); the
+    head weight is then not logged. Logged with the loss: ``cross_entropy``, ``kd_divergence``
+    and, for AKL on logits, ``akl_head_weight``, each averaged over the logging interval.
+    """
+
+    def __init__(self, model=None, teacher_model=None, args=None, *, divergence="akl",
+                 kd_ratio=0.5, mu=0.5, temperature=1.0, divergence_options=None,
+                 fused_linear=False, log_head_weight=True, loss_backend="auto", **kwargs):
+        if teacher_model is None:
+            raise ValueError("teacher_model is required")
+        super().__init__(model=model, args=args, **kwargs)
+        options = dict(divergence_options or {})
+        if divergence == "akl":
+            options.setdefault("mu", mu)
+        self.loss_options = dict(divergence=divergence, kd_ratio=kd_ratio,
+                                 temperature=temperature, backend=loss_backend, **options)
+        self.fused_linear = fused_linear
+        self.log_head_weight = log_head_weight
+        self.teacher = teacher_model.to(self.args.device).eval().requires_grad_(False)
+        # The loss is a per-token mean of each micro-batch; the Trainer divides it by the
+        # gradient accumulation steps (as for any loss that takes no num_items_in_batch).
+        self.model_accepts_loss_kwargs = False
+        self._parts: dict[str, list[float]] = {}
+        self._vocab_warned: list = []
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        labels = inputs["labels"]
+        model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+        if self.fused_linear:
+            out, outputs = self._fused_linear_loss(model, model_inputs, labels)
+        else:
+            outputs = model(**model_inputs)
+            with torch.no_grad():
+                teacher_logits = self.teacher(**model_inputs).logits
+            out = causal_lm_distillation_loss(
+                outputs.logits, teacher_logits, labels, warn_once=self._vocab_warned,
+                with_head_weight=self.log_head_weight and model.training, **self.loss_options)
+        if model.training:
+            self._record(out)
+        return (out.loss, outputs) if return_outputs else out.loss
+
+    def _fused_linear_loss(self, model, model_inputs, labels):
+        student_head = _unwrap(model).get_output_embeddings()
+        teacher_head = self.teacher.get_output_embeddings()
+        hidden = _unwrap(model).base_model(**model_inputs)[0]
+        with torch.no_grad():
+            teacher_hidden = self.teacher.base_model(**model_inputs)[0]
+        vocab = shared_vocabulary(student_head.weight.shape[0], teacher_head.weight.shape[0],
+                                  self._vocab_warned)
+        bias = lambda head: None if head.bias is None else head.bias[:vocab]  # noqa: E731
+        out = fused_linear_distillation_loss(
+            hidden, student_head.weight[:vocab], next_token_labels(labels),
+            teacher_hidden=teacher_hidden, teacher_weight=teacher_head.weight[:vocab],
+            student_bias=bias(student_head), teacher_bias=bias(teacher_head), return_parts=True,
+            **self.loss_options)
+        return CausalLMDistillation(out.loss, out.cross_entropy, out.divergence, None), None
+
+    def _record(self, out: CausalLMDistillation):
+        parts = {"cross_entropy": out.cross_entropy, "kd_divergence": out.divergence,
+                 "akl_head_weight": out.head_weight}
+        for name, value in parts.items():
+            if value is not None:
+                self._parts.setdefault(name, []).append(float(value))
+
+    def log(self, logs, *args, **kwargs):
+        if "loss" in logs and self._parts:  # a training log: add the parts' interval means
+            logs = {**logs, **{name: sum(v) / len(v) for name, v in self._parts.items()}}
+            self._parts = {}
+        super().log(logs, *args, **kwargs)
+
+
+def _unwrap(model):
+    """The model under torch.compile's or a wrapper's ``_orig_mod`` / ``module``."""
+    for attribute in ("_orig_mod", "module"):
+        model = getattr(model, attribute, model)
+    return model

@@ -177,6 +177,16 @@ class FusedLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, teacher, valid, rows, labels, cfg, backend,
                 reduction, chunk_size, lead_shape):
+        # Under torch.autocast the GEMMs would return bf16/fp16 logits: the float32 logits
+        # this layer promises are computed with autocast off, in the inputs' own dtypes.
+        with torch.autocast(hidden.device.type, enabled=False):
+            return FusedLinearFunction._forward(ctx, hidden, weight, bias, teacher, valid, rows,
+                                                labels, cfg, backend, reduction, chunk_size,
+                                                lead_shape)
+
+    @staticmethod
+    def _forward(ctx, hidden, weight, bias, teacher, valid, rows, labels, cfg, backend,
+                 reduction, chunk_size, lead_shape):
         n_rows = hidden.shape[0]
         student = LinearHead(hidden if rows is None else hidden[rows], weight, bias)
         n_valid = student.hidden.shape[0]
@@ -217,9 +227,10 @@ class FusedLinearFunction(torch.autograd.Function):
     def backward(ctx, grad_output, _grad_divergence, _grad_cross_entropy):
         hidden, weight, bias, valid, row_stats, labels = ctx.saved_tensors
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
-        grads = _linear_grads(LinearHead(hidden, weight, bias), ctx.teacher, row_stats,
-                              grad_output, valid, labels, ctx, need_hidden, need_weight,
-                              need_bias)
+        with torch.autocast(hidden.device.type, enabled=False):
+            grads = _linear_grads(LinearHead(hidden, weight, bias), ctx.teacher, row_stats,
+                                  grad_output, valid, labels, ctx, need_hidden, need_weight,
+                                  need_bias)
         grad_hidden, grad_weight, grad_bias = grads
         if grad_hidden is not None:
             grad_hidden = _scatter_rows(grad_hidden, ctx.rows, ctx.n_rows)

@@ -235,6 +235,19 @@ def test_backends(rng, small_tiles, backend, kind):
     _assert_close(loss, grads, ref_loss, ref_grads, torch.float32)
 
 
+def test_autocast_does_not_lower_the_logits_precision(rng):
+    """Under torch.autocast the loss still runs its GEMMs in the inputs' dtype (float32 here):
+    values and gradients equal those without autocast."""
+    student, teacher = _heads(rng, 16, 32, 100, torch.float32)
+    kwargs = dict(backend="torch", **_teacher_kwargs(teacher, "head", torch.float32))
+    plain = _fused(akl_kernels.fused_linear_akl_loss, student, None, **kwargs)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        autocast = _fused(akl_kernels.fused_linear_akl_loss, student, None, **kwargs)
+    assert torch.equal(plain[0], autocast[0])
+    for a, b in zip(plain[1], autocast[1], strict=True):
+        assert torch.equal(a, b)
+
+
 def test_gradcheck_float64(rng):
     student, teacher = _heads(rng, 4, 5, 17, torch.float64, device="cpu")
     leaves = [x.clone().requires_grad_(True) for x in student]

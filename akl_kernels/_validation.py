@@ -213,11 +213,14 @@ def _check_weight(name, weight, hidden_name, hidden, teacher):
                          f"{name}.detach() or call teacher.requires_grad_(False)")
 
 
-def _check_bias(name, bias, weight_name, weight):
+def _check_bias(name, bias, weight_name, weight, teacher=False):
     if bias is None:
         return
     if not isinstance(bias, torch.Tensor) or not bias.dtype.is_floating_point:
         raise TypeError(f"{name} must be a floating-point torch.Tensor or None")
+    if teacher and bias.requires_grad and torch.is_grad_enabled():
+        raise ValueError(f"{name} requires grad: the teacher is not differentiated here; pass "
+                         f"{name}.detach() or call teacher.requires_grad_(False)")
     if tuple(bias.shape) != (weight.shape[0],):
         raise ValueError(f"{name} must have shape [{weight.shape[0]}] (the rows of "
                          f"{weight_name}), got {tuple(bias.shape)}")
@@ -264,7 +267,7 @@ def check_linear_inputs(student_hidden, student_weight, student_bias, teacher_hi
     if teacher_weight.shape[0] != vocab:
         raise ValueError(f"teacher_weight must have the student's vocabulary size V = {vocab} "
                          f"rows, got {teacher_weight.shape[0]}")
-    _check_bias("teacher_bias", teacher_bias, "teacher_weight", teacher_weight)
+    _check_bias("teacher_bias", teacher_bias, "teacher_weight", teacher_weight, teacher=True)
 
 
 def check_chunk_size(chunk_size) -> None:

@@ -206,9 +206,12 @@ class FusedLinearFunction(torch.autograd.Function):
             stats.append(result.row_stats)
             parts.append(result.parts)
         row_stats = torch.cat(stats) if stats else None
-        ctx.save_for_backward(student.hidden, weight, bias, valid, row_stats, valid_labels)
-        ctx.teacher, ctx.cfg, ctx.backend, ctx.reduction = teacher, cfg, backend, reduction
-        ctx.tiles, ctx.rows, ctx.n_rows = tiles, rows, n_rows
+        # Every tensor goes through save_for_backward (the teacher's too), so that autograd
+        # frees them after backward even while the loss is still referenced.
+        ctx.save_for_backward(student.hidden, weight, bias, valid, row_stats, valid_labels, rows,
+                              *teacher)
+        ctx.teacher_form, ctx.cfg, ctx.backend = type(teacher), cfg, backend
+        ctx.reduction, ctx.tiles, ctx.n_rows = reduction, tiles, n_rows
 
         loss = reduce_rows(_scatter_rows(row_loss, rows, n_rows), valid, reduction, lead_shape)
         if not cfg.with_ce:
@@ -225,15 +228,15 @@ class FusedLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output, _grad_divergence, _grad_cross_entropy):
-        hidden, weight, bias, valid, row_stats, labels = ctx.saved_tensors
+        hidden, weight, bias, valid, row_stats, labels, rows, *teacher = ctx.saved_tensors
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         with torch.autocast(hidden.device.type, enabled=False):
-            grads = _linear_grads(LinearHead(hidden, weight, bias), ctx.teacher, row_stats,
-                                  grad_output, valid, labels, ctx, need_hidden, need_weight,
-                                  need_bias)
+            grads = _linear_grads(LinearHead(hidden, weight, bias), ctx.teacher_form(*teacher),
+                                  row_stats, grad_output, valid, rows, labels, ctx, need_hidden,
+                                  need_weight, need_bias)
         grad_hidden, grad_weight, grad_bias = grads
         if grad_hidden is not None:
-            grad_hidden = _scatter_rows(grad_hidden, ctx.rows, ctx.n_rows)
+            grad_hidden = _scatter_rows(grad_hidden, rows, ctx.n_rows)
         return grad_hidden, grad_weight, grad_bias, *([None] * 9)
 
 
@@ -246,8 +249,8 @@ def _scatter_rows(values, rows, n_rows):
     return out
 
 
-def _linear_grads(student, teacher, row_stats, grad_output, valid, labels, ctx, need_hidden,
-                  need_weight, need_bias):
+def _linear_grads(student, teacher, row_stats, grad_output, valid, rows, labels, ctx,
+                  need_hidden, need_weight, need_bias):
     """The backward sweep: vocabulary blocks outside, row tiles inside."""
     n_valid, vocab = student.hidden.shape[0], student.weight.shape[0]
     wide = row_stats.dtype if row_stats is not None else torch.float32
@@ -258,7 +261,7 @@ def _linear_grads(student, teacher, row_stats, grad_output, valid, labels, ctx, 
     grad_bias = torch.zeros(vocab, dtype=wide, device=device) if need_bias else None
     if n_valid > 0:
         coef = row_grad_coef(grad_output, valid, ctx.reduction, wide)
-        coef = coef if ctx.rows is None else coef[ctx.rows]
+        coef = coef if rows is None else coef[rows]
         gemm_dtype = _gemm_dtype(student.weight, wide)
         tiles = ctx.tiles
         for block in _spans(vocab, tiles.vocab_block):
@@ -267,7 +270,7 @@ def _linear_grads(student, teacher, row_stats, grad_output, valid, labels, ctx, 
                           if need_weight else None)
             for span in _spans(n_valid, tiles.backward_rows):
                 s = student.logits(span, block, wide)
-                t = ctx.teacher.logits(span, block, wide)
+                t = teacher.logits(span, block, wide)
                 shifted = None if labels is None else labels[span] - block.start
                 g = ctx.backend.backward(s, t, row_stats[span], coef[span], ctx.cfg, shifted,
                                          grad_dtype=gemm_dtype)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from akl_kernels import _validation as checks
+from akl_kernels.autograd import as_rows
 from akl_kernels.fused_linear import FusedLinearFunction, GivenLogits, LinearHead
 from akl_kernels.losses import DistillationOutput, _backend_module
 
@@ -40,9 +41,9 @@ def _fused_linear(cfg, student_hidden, student_weight, labels, *, teacher_hidden
     # Ignored rows cost no GEMM: they are dropped up front (one host sync to count them).
     rows = None if bool(valid.all()) else valid.nonzero()[:, 0]
     if teacher_logits is not None:
-        teacher = GivenLogits(teacher_logits.reshape(n_rows, -1), rows)
+        teacher = GivenLogits(as_rows(teacher_logits), rows)  # the kernels take a row stride
     else:
-        teacher_rows = teacher_hidden.reshape(n_rows, -1)
+        teacher_rows = teacher_hidden.reshape(n_rows, teacher_hidden.shape[-1])
         teacher = LinearHead(teacher_rows if rows is None else teacher_rows[rows],
                              teacher_weight, teacher_bias)
     return FusedLinearFunction.apply(

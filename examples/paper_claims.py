@@ -136,7 +136,7 @@ def main(argv=None):
     parser.add_argument("--out", default="docs")
     args = parser.parse_args(argv)
     teacher = zipf_teacher(args.rows, args.vocab)
-    record = tuple(range(0, 201, 5)) + tuple(range(250, args.steps + 1, 50))
+    record = tuple(range(0, 201, 5)) + tuple(range(250, args.steps, 50)) + (args.steps,)
     runs = {kind: train(kind, teacher, steps=args.steps, lr=args.lr, record=record)
             for kind in ("fkl", "rkl")}
     head_count = akl_kernels.head_tail_stats(teacher, teacher).head_count.float().mean().item()

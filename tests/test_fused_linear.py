@@ -248,6 +248,47 @@ def test_autocast_does_not_lower_the_logits_precision(rng):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_teacher_logits_with_any_strides(rng, backend):
+    """A transposed (column-major) teacher_logits gives the same loss and gradients."""
+    student, teacher = _heads(rng, 7, 8, 150, torch.float32)
+    logits = _logits64(teacher).float()
+    transposed = logits.T.contiguous().T  # same values, last-dimension stride 7
+    assert transposed.stride(-1) != 1
+    results = [_fused(akl_kernels.fused_linear_akl_loss, student, None, backend=backend,
+                      teacher_logits=t) for t in (logits, transposed)]
+    assert torch.equal(results[0][0], results[1][0])
+    for a, b in zip(results[0][1], results[1][1], strict=True):
+        assert torch.equal(a, b)
+
+
+def test_zero_rows(rng):
+    student, teacher = _heads(rng, 0, 8, 30, torch.float32)
+    for kwargs in (_teacher_kwargs(teacher, "head", torch.float32),
+                   _teacher_kwargs(teacher, "logits", torch.float32)):
+        loss, grads = _fused(akl_kernels.fused_linear_fkl_loss, student, None, backend="torch",
+                             **kwargs)
+        assert loss.item() == 0.0 and grads[0].shape == (0, 8)
+        assert all(g.abs().sum() == 0 for g in grads)
+
+
+def test_teacher_tensors_are_released_after_backward(rng):
+    """The autograd Function keeps no teacher tensor beyond backward, even while the loss
+    (e.g. for logging) is still referenced."""
+    import weakref
+
+    student, teacher = _heads(rng, 6, 8, 40, torch.float32)
+    teacher_logits = _logits64(teacher).float()
+    alive = weakref.ref(teacher_logits)
+    h = student[0].clone().requires_grad_(True)
+    loss = akl_kernels.fused_linear_akl_loss(h, student[1], teacher_logits=teacher_logits,
+                                             backend="torch")
+    del teacher_logits
+    assert alive() is not None  # saved for backward
+    loss.backward()
+    assert alive() is None and loss.item() > 0
+
+
 def test_gradcheck_float64(rng):
     student, teacher = _heads(rng, 4, 5, 17, torch.float64, device="cpu")
     leaves = [x.clone().requires_grad_(True) for x in student]
@@ -307,6 +348,8 @@ def test_bad_arguments_name_themselves(rng):
                                                     teacher_bias=tb)),
         (ValueError, "teacher_weight requires grad",
          dict(teacher_hidden=th, teacher_weight=tw.clone().requires_grad_(True))),
+        (ValueError, "teacher_bias requires grad",
+         dict(teacher_hidden=th, teacher_weight=tw, teacher_bias=tb.clone().requires_grad_())),
         (ValueError, "teacher_hidden requires grad",
          dict(teacher_hidden=th.clone().requires_grad_(True), teacher_weight=tw)),
         (ValueError, "student_bias must have shape", dict(teacher_logits=torch.zeros(4, 20),

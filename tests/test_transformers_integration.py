@@ -118,6 +118,22 @@ def test_fused_linear_mode_matches_the_logits_mode(tmp_path, rng):
     trainer = _trainer(tmp_path, student, teacher, data, steps=3, fused_linear=True)
     trainer.train()
     assert len(_logs(trainer)) == 3
+    metrics = trainer.evaluate(eval_dataset=data)  # the evaluation path returns outputs too
+    assert metrics["eval_loss"] > 0
+
+
+def test_fused_linear_refuses_rescaled_logits(tmp_path):
+    student = _gpt2(1, 64)
+    student.config.logit_scale = 0.25  # as Cohere's models rescale their logits
+    with pytest.raises(ValueError, match="logit_scale"):
+        _trainer(tmp_path, student, _gpt2(1, 64, seed=1), [], fused_linear=True)
+    _trainer(tmp_path, student, _gpt2(1, 64, seed=1), [])  # on logits it is kept: fine
+
+
+def test_no_scored_position_reports_no_head_weight(rng):
+    s, t = torch.randn(2, 5, 30, generator=rng), torch.randn(2, 5, 30, generator=rng)
+    out = causal_lm_distillation_loss(s, t, torch.full((2, 5), -100))
+    assert out.loss.item() == 0.0 and out.head_weight is None
 
 
 def test_compiled_student(tmp_path, rng):

@@ -74,7 +74,8 @@ def causal_lm_distillation_loss(student_logits, teacher_logits, labels, *, diver
         stats = head_tail_stats(student_logits.detach(), teacher_logits, temperature=temperature,
                                 backend=backend, **split)
         valid = targets != ignore_index
-        head_weight = stats.head_weight[valid].mean() if valid.any() else stats.head_weight.sum()
+        # No scored position: no head weight to report (None, not a sum over nothing).
+        head_weight = stats.head_weight[valid].mean() if bool(valid.any()) else None
     return CausalLMDistillation(out.loss, out.cross_entropy, out.divergence, head_weight)
 
 
@@ -87,8 +88,9 @@ class DistillationTrainer(Trainer):
     ``divergence`` is any of this library's ("akl" by default, with ``mu``); further options
     (``beta``, ``lam``, ``include_crossing``) go in ``divergence_options``. With
     ``fused_linear=True`` the loss is computed from both models' last hidden states and output
-    embeddings, so neither model's logits are stored (``fused_linear_distillation_loss``); the
-    head weight is then not logged. Logged with the loss: ``cross_entropy``, ``kd_divergence``
+    embeddings, so neither model's logits are stored (``fused_linear_distillation_loss``; the
+    models are called with ``output_hidden_states=True, logits_to_keep=1``, and models whose
+    config rescales or soft-caps the logits are refused); the head weight is then not logged. Logged with the loss: ``cross_entropy``, ``kd_divergence``
     and, for AKL on logits, ``akl_head_weight``, each averaged over the logging interval.
     """
 
@@ -97,6 +99,9 @@ class DistillationTrainer(Trainer):
                  fused_linear=False, log_head_weight=True, loss_backend="auto", **kwargs):
         if teacher_model is None:
             raise ValueError("teacher_model is required")
+        if fused_linear:
+            for role, net in (("model", model), ("teacher_model", teacher_model)):
+                _check_plain_output_layer(role, net)
         super().__init__(model=model, args=args, **kwargs)
         options = dict(divergence_options or {})
         if divergence == "akl":
@@ -109,7 +114,7 @@ class DistillationTrainer(Trainer):
         # The loss is a per-token mean of each micro-batch; the Trainer divides it by the
         # gradient accumulation steps (as for any loss that takes no num_items_in_batch).
         self.model_accepts_loss_kwargs = False
-        self._parts: dict[str, list[float]] = {}
+        self._parts: dict[str, list[torch.Tensor]] = {}
         self._vocab_warned: list = []
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -119,8 +124,7 @@ class DistillationTrainer(Trainer):
             out, outputs = self._fused_linear_loss(model, model_inputs, labels)
         else:
             outputs = model(**model_inputs)
-            with torch.no_grad():
-                teacher_logits = self.teacher(**model_inputs).logits
+            teacher_logits = self._teacher(model_inputs).logits
             out = causal_lm_distillation_loss(
                 outputs.logits, teacher_logits, labels, warn_once=self._vocab_warned,
                 with_head_weight=self.log_head_weight and model.training, **self.loss_options)
@@ -128,12 +132,21 @@ class DistillationTrainer(Trainer):
             self._record(out)
         return (out.loss, outputs) if return_outputs else out.loss
 
+    def _teacher(self, model_inputs):
+        """The teacher's outputs: no gradient, no KV cache, under the mixed precision the
+        Trainer gives the student (``accelerator.autocast``: bf16/fp16 when asked for)."""
+        with torch.no_grad(), self.accelerator.autocast():
+            return self.teacher(**model_inputs, use_cache=False)
+
     def _fused_linear_loss(self, model, model_inputs, labels):
+        # Through the (possibly wrapped: DDP, autocast, compiled) model itself, asking for the
+        # last hidden states and the logits of one position only.
+        hidden_inputs = dict(model_inputs, output_hidden_states=True, logits_to_keep=1)
+        outputs = model(**hidden_inputs)
+        teacher_hidden = self._teacher(hidden_inputs).hidden_states[-1]
+        hidden = outputs.hidden_states[-1]
         student_head = _unwrap(model).get_output_embeddings()
         teacher_head = self.teacher.get_output_embeddings()
-        hidden = _unwrap(model).base_model(**model_inputs)[0]
-        with torch.no_grad():
-            teacher_hidden = self.teacher.base_model(**model_inputs)[0]
         vocab = shared_vocabulary(student_head.weight.shape[0], teacher_head.weight.shape[0],
                                   self._vocab_warned)
         bias = lambda head: None if head.bias is None else head.bias[:vocab]  # noqa: E731
@@ -142,20 +155,36 @@ class DistillationTrainer(Trainer):
             teacher_hidden=teacher_hidden, teacher_weight=teacher_head.weight[:vocab],
             student_bias=bias(student_head), teacher_bias=bias(teacher_head), return_parts=True,
             **self.loss_options)
-        return CausalLMDistillation(out.loss, out.cross_entropy, out.divergence, None), None
+        return CausalLMDistillation(out.loss, out.cross_entropy, out.divergence, None), outputs
 
     def _record(self, out: CausalLMDistillation):
         parts = {"cross_entropy": out.cross_entropy, "kd_divergence": out.divergence,
                  "akl_head_weight": out.head_weight}
         for name, value in parts.items():
-            if value is not None:
-                self._parts.setdefault(name, []).append(float(value))
+            if value is not None:  # kept on the device: no host sync per micro-batch
+                self._parts.setdefault(name, []).append(value.detach())
 
     def log(self, logs, *args, **kwargs):
         if "loss" in logs and self._parts:  # a training log: add the parts' interval means
-            logs = {**logs, **{name: sum(v) / len(v) for name, v in self._parts.items()}}
+            logs = {**logs, **{name: torch.stack(v).mean().item()
+                               for name, v in self._parts.items()}}
             self._parts = {}
         super().log(logs, *args, **kwargs)
+
+
+# Output-layer transforms that `hidden @ W.T + b` would silently drop (Cohere's logit_scale,
+# Gemma 2/3's final soft-capping, Granite's logits_scaling).
+_LOGIT_TRANSFORMS = ("logit_scale", "final_logit_softcapping", "logits_scaling")
+
+
+def _check_plain_output_layer(role, model):
+    config = getattr(model, "config", None)
+    for name in _LOGIT_TRANSFORMS:
+        value = getattr(config, name, None)
+        if value not in (None, 1, 1.0):
+            raise ValueError(
+                f"fused_linear=True computes {role}'s logits as hidden @ weight.T + bias, but its "
+                f"config sets {name}={value!r}, which that would drop; use fused_linear=False")
 
 
 def _unwrap(model):

@@ -90,8 +90,10 @@ class DistillationTrainer(Trainer):
     ``fused_linear=True`` the loss is computed from both models' last hidden states and output
     embeddings, so neither model's logits are stored (``fused_linear_distillation_loss``; the
     models are called with ``output_hidden_states=True, logits_to_keep=1``, and models whose
-    config rescales or soft-caps the logits are refused); the head weight is then not logged. Logged with the loss: ``cross_entropy``, ``kd_divergence``
-    and, for AKL on logits, ``akl_head_weight``, each averaged over the logging interval.
+    config rescales or soft-caps the logits are refused); the head weight is then not logged.
+    Logged with the loss: ``cross_entropy``, ``kd_divergence`` and, for AKL on logits,
+    ``akl_head_weight``, each averaged over the logging interval. The loss is each
+    micro-batch's token mean; with gradient accumulation the Trainer averages those means.
     """
 
     def __init__(self, model=None, teacher_model=None, args=None, *, divergence="akl",

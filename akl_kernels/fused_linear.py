@@ -202,6 +202,7 @@ class FusedLinearFunction(torch.autograd.Function):
             ones = torch.ones(s.shape[0], dtype=torch.bool, device=s.device)
             chunk_labels = None if valid_labels is None else valid_labels[span]
             result = backend.forward(s, t, ones, cfg, False, chunk_labels)
+            del s, t  # before the next chunk's tiles exist (else three are alive at once)
             row_loss[span] = result.loss
             stats.append(result.row_stats)
             parts.append(result.parts)
@@ -281,6 +282,7 @@ def _linear_grads(student, teacher, row_stats, grad_output, valid, rows, labels,
                     _add_product(grad_hidden[span], g, weight_block)
                 if need_weight:
                     _add_product(block_grad, g.T, student.hidden[span])
+                del g  # before the next tile's logits exist
             if need_weight:
                 grad_weight[block] = block_grad
     to = lambda x, like: None if x is None else x.to(like.dtype)  # noqa: E731

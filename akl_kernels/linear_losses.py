@@ -38,8 +38,9 @@ def _fused_linear(cfg, student_hidden, student_weight, labels, *, teacher_hidden
         flat_labels = labels.reshape(n_rows).to(torch.int64)
     if cfg.with_ce:
         checks.check_class_labels(labels, valid, student_weight.shape[0])
-    # Ignored rows cost no GEMM: they are dropped up front (one host sync to count them).
-    rows = None if bool(valid.all()) else valid.nonzero()[:, 0]
+    # Ignored rows cost no GEMM: they are dropped up front (nonzero is the one host sync).
+    rows = valid.nonzero()[:, 0]
+    rows = None if rows.numel() == n_rows else rows
     if teacher_logits is not None:
         teacher = GivenLogits(as_rows(teacher_logits), rows)  # the kernels take a row stride
     else:

@@ -2,7 +2,7 @@
 # The project's one entry point; it sets up a fresh machine by itself (a virtual environment in
 # .venv, the CPU build of torch when no torch is installed, this package and its extras).
 #   ./run.sh test [pytest args]      the test suite (what CI runs)
-#   ./run.sh bench [akl-bench args]  the main job: the benchmark report on this machine
+#   ./run.sh bench [bench args]      the main job: the benchmark report on this machine
 # AKL_TORCH_SPEC overrides how torch is installed, e.g.
 #   AKL_TORCH_SPEC="torch --index-url https://download.pytorch.org/whl/cpu" ./run.sh test
 set -euo pipefail
@@ -16,7 +16,13 @@ if ! "$VENV/bin/python" -c "import torch" >/dev/null 2>&1; then
   # shellcheck disable=SC2086
   "$VENV/bin/python" -m pip install ${AKL_TORCH_SPEC:-torch==2.13.0}
 fi
-"$VENV/bin/python" -m pip install --quiet -e ".[test,bench]"
+# The package is installed in editable mode, so only a changed pyproject.toml needs pip again.
+stamp="$VENV/.akl_kernels-installed"
+wanted="$(sha256sum pyproject.toml | cut -d' ' -f1)"
+if [ "$(cat "$stamp" 2>/dev/null || true)" != "$wanted" ]; then
+  "$VENV/bin/python" -m pip install --quiet -e ".[test,bench]"
+  echo "$wanted" > "$stamp"
+fi
 command="${1:-}"
 shift || true
 case "$command" in

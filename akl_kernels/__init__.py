@@ -1,7 +1,7 @@
 """Fused, memory-lean distillation losses (FKL, RKL, Adaptive KL and the divergences they are
 compared with) for large vocabularies."""
 
-from akl_kernels.linear_losses import (
+from akl_kernels.fused_linear_losses import (
     fused_linear_akl_loss,
     fused_linear_distillation_loss,
     fused_linear_fkl_loss,
@@ -10,9 +10,9 @@ from akl_kernels.linear_losses import (
 )
 from akl_kernels.losses import (
     DistillationOutput,
-    HeadTailStats,
     akl_loss,
     distillation_loss,
+    divergence_loss,
     fkl_loss,
     head_tail_stats,
     jsd_loss,
@@ -25,6 +25,7 @@ from akl_kernels.losses import (
 from akl_kernels.modules import (
     AKLLoss,
     DistillationLoss,
+    DivergenceLoss,
     FKLLoss,
     FusedLinearAKLLoss,
     FusedLinearDistillationLoss,
@@ -38,11 +39,13 @@ from akl_kernels.modules import (
     SkewRKLLoss,
     TVDLoss,
 )
+from akl_kernels.row_results import HeadTailStats
 
 __all__ = [
     "AKLLoss",
     "DistillationLoss",
     "DistillationOutput",
+    "DivergenceLoss",
     "FKLLoss",
     "FusedLinearAKLLoss",
     "FusedLinearDistillationLoss",
@@ -58,6 +61,7 @@ __all__ = [
     "TVDLoss",
     "akl_loss",
     "distillation_loss",
+    "divergence_loss",
     "fkl_loss",
     "fused_linear_akl_loss",
     "fused_linear_distillation_loss",

@@ -1,152 +1,128 @@
-"""Thin ``torch.nn.Module`` wrappers: options fixed at construction, tensors at call."""
+"""Thin ``torch.nn.Module`` wrappers: options fixed and checked at construction, tensors at call."""
 
 from __future__ import annotations
 
 import torch
 
-from akl_kernels import _validation as checks
-from akl_kernels.linear_losses import fused_linear_distillation_loss, fused_linear_loss
+from akl_kernels import validation as checks
+from akl_kernels.config import make_config
+from akl_kernels.fused_linear_losses import fused_linear_distillation_loss, fused_linear_loss
 from akl_kernels.losses import distillation_loss, divergence_loss
 
 
-class _DivergenceLoss(torch.nn.Module):
-    kind: str
+def _check_call_options(*, ignore_index, reduction, backend, check_values):
+    """What every loss Module checks at construction besides the divergence's own options."""
+    checks.check_ignore_index(ignore_index)
+    checks.check_reduction(reduction)
+    checks.check_backend_name(backend)
+    checks.check_bool("check_values", check_values)
 
-    def __init__(
-        self,
-        *,
-        mu=0.5,
-        include_crossing=False,
-        temperature=1.0,
-        ignore_index=-100,
-        reduction="mean",
-        backend="auto",
-    ):
-        super().__init__()
-        # Fail at construction rather than at the first training step.
-        checks.check_options(mu=mu, include_crossing=include_crossing, temperature=temperature)
-        checks.check_reduction(reduction)
-        if backend not in checks.BACKENDS:
-            raise ValueError(f"backend must be one of {checks.BACKENDS}, got {backend!r}")
-        self.options = dict(
-            mu=mu,
-            include_crossing=include_crossing,
-            temperature=temperature,
-            ignore_index=ignore_index,
-            reduction=reduction,
-            backend=backend,
-        )
 
-    def forward(self, student_logits, teacher_logits, labels=None):
-        return divergence_loss(self.kind, student_logits, teacher_logits, labels, **self.options)
+class _OptionsRepr(torch.nn.Module):
+    options: dict
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
 
 
-class _ParametrisedLoss(_DivergenceLoss):
-    """A divergence with one parameter in [0, 1] (beta or lam), fixed at construction."""
+class DivergenceLoss(_OptionsRepr):
+    """Any divergence by name, called as ``(student_logits, teacher_logits, labels=None)``; see
+    ``akl_kernels.divergence_loss``. The named Modules below fix the divergence."""
 
-    param_name: str
-
-    def __init__(self, param, **options):
-        checks.check_unit_interval(self.param_name, param)
-        super().__init__(**options)
-        self.param = float(param)
+    def __init__(self, divergence="akl", *, temperature=1.0, ignore_index=-100,
+                 reduction="mean", backend="auto", check_values=True, **divergence_options):
+        super().__init__()
+        make_config(divergence, divergence_options, temperature=temperature)
+        _check_call_options(ignore_index=ignore_index, reduction=reduction, backend=backend,
+                            check_values=check_values)
+        self.options = dict(divergence=divergence, temperature=temperature,
+                            ignore_index=ignore_index, reduction=reduction, backend=backend,
+                            check_values=check_values, **divergence_options)
 
     def forward(self, student_logits, teacher_logits, labels=None):
-        return divergence_loss(self.kind, student_logits, teacher_logits, labels,
-                               param=self.param, **self.options)
-
-    def extra_repr(self) -> str:
-        return f"{self.param_name}={self.param!r}, " + super().extra_repr()
+        return divergence_loss(student_logits, teacher_logits, labels, **self.options)
 
 
-class FKLLoss(_DivergenceLoss):
+class FKLLoss(DivergenceLoss):
     """Forward KL(p || q); see ``akl_kernels.fkl_loss``."""
 
-    kind = "fkl"
+    def __init__(self, **options):
+        super().__init__("fkl", **options)
 
 
-class RKLLoss(_DivergenceLoss):
+class RKLLoss(DivergenceLoss):
     """Reverse KL(q || p); see ``akl_kernels.rkl_loss``."""
 
-    kind = "rkl"
+    def __init__(self, **options):
+        super().__init__("rkl", **options)
 
 
-class AKLLoss(_DivergenceLoss):
+class AKLLoss(DivergenceLoss):
     """Adaptive KL; see ``akl_kernels.akl_loss``."""
 
-    kind = "akl"
+    def __init__(self, *, mu=0.5, include_crossing=False, **options):
+        super().__init__("akl", mu=mu, include_crossing=include_crossing, **options)
 
 
-class JSDLoss(_ParametrisedLoss):
+class JSDLoss(DivergenceLoss):
     """Generalised JSD(beta); see ``akl_kernels.jsd_loss``."""
 
-    kind, param_name = "jsd", "beta"
-
     def __init__(self, beta=0.5, **options):
-        super().__init__(beta, **options)
+        super().__init__("jsd", beta=beta, **options)
 
 
-class SkewFKLLoss(_ParametrisedLoss):
+class SkewFKLLoss(DivergenceLoss):
     """Skew forward KL; see ``akl_kernels.skew_fkl_loss``."""
 
-    kind, param_name = "skew_fkl", "lam"
-
     def __init__(self, lam=0.1, **options):
-        super().__init__(lam, **options)
+        super().__init__("skew_fkl", lam=lam, **options)
 
 
-class SkewRKLLoss(_ParametrisedLoss):
+class SkewRKLLoss(DivergenceLoss):
     """Skew reverse KL; see ``akl_kernels.skew_rkl_loss``."""
 
-    kind, param_name = "skew_rkl", "lam"
-
     def __init__(self, lam=0.1, **options):
-        super().__init__(lam, **options)
+        super().__init__("skew_rkl", lam=lam, **options)
 
 
-class MixedKLLoss(_ParametrisedLoss):
+class MixedKLLoss(DivergenceLoss):
     """``(1 - lam) FKL + lam RKL``; see ``akl_kernels.mixed_kl_loss``."""
 
-    kind, param_name = "mixed_kl", "lam"
-
     def __init__(self, lam=0.5, **options):
-        super().__init__(lam, **options)
+        super().__init__("mixed_kl", lam=lam, **options)
 
 
-class TVDLoss(_DivergenceLoss):
+class TVDLoss(DivergenceLoss):
     """Total variation distance; see ``akl_kernels.tvd_loss``."""
 
-    kind = "tvd"
+    def __init__(self, **options):
+        super().__init__("tvd", **options)
 
 
-class DistillationLoss(torch.nn.Module):
+class DistillationLoss(_OptionsRepr):
     """``(1 - kd_ratio) CE + kd_ratio divergence``; see ``akl_kernels.distillation_loss``.
 
     Called as ``(student_logits, teacher_logits, labels)``; options fixed at construction.
     """
 
     def __init__(self, divergence="akl", *, kd_ratio=0.5, temperature=1.0, ignore_index=-100,
-                 reduction="mean", backend="auto", return_parts=False, **divergence_options):
+                 reduction="mean", backend="auto", return_parts=False, check_values=True,
+                 **divergence_options):
         super().__init__()
+        make_config(divergence, divergence_options, temperature=temperature, kd_ratio=kd_ratio)
+        _check_call_options(ignore_index=ignore_index, reduction=reduction, backend=backend,
+                            check_values=check_values)
+        checks.check_bool("return_parts", return_parts)
         self.options = dict(divergence=divergence, kd_ratio=kd_ratio, temperature=temperature,
                             ignore_index=ignore_index, reduction=reduction, backend=backend,
-                            return_parts=return_parts, **divergence_options)
-        # Fail at construction: a tiny call runs every check on the options.
-        probe = torch.zeros(1, 2)
-        distillation_loss(probe, probe, torch.zeros(1, dtype=torch.long),
-                          **(self.options | {"backend": "torch"}))
+                            return_parts=return_parts, check_values=check_values,
+                            **divergence_options)
 
     def forward(self, student_logits, teacher_logits, labels):
         return distillation_loss(student_logits, teacher_logits, labels, **self.options)
 
-    def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
 
-
-class FusedLinearLoss(torch.nn.Module):
+class FusedLinearLoss(_OptionsRepr):
     """A divergence from hidden states; see ``akl_kernels.fused_linear_loss``.
 
     Called as ``(student_hidden, student_weight, labels=None, *, teacher_hidden=None,
@@ -154,24 +130,24 @@ class FusedLinearLoss(torch.nn.Module):
     with ``student.lm_head.weight``; the options are fixed at construction.
     """
 
+    _fused_loss = staticmethod(fused_linear_loss)
+
     def __init__(self, divergence="akl", *, temperature=1.0, ignore_index=-100,
-                 reduction="mean", chunk_size=None, backend="auto", **divergence_options):
+                 reduction="mean", chunk_size=None, backend="auto", check_values=True,
+                 **divergence_options):
         super().__init__()
-        checks.divergence_config(divergence, divergence_options, temperature=temperature)
-        checks.check_reduction(reduction)
+        make_config(divergence, divergence_options, temperature=temperature)
+        _check_call_options(ignore_index=ignore_index, reduction=reduction, backend=backend,
+                            check_values=check_values)
         checks.check_chunk_size(chunk_size)
-        if backend not in checks.BACKENDS:
-            raise ValueError(f"backend must be one of {checks.BACKENDS}, got {backend!r}")
         self.options = dict(divergence=divergence, temperature=temperature,
                             ignore_index=ignore_index, reduction=reduction,
-                            chunk_size=chunk_size, backend=backend, **divergence_options)
+                            chunk_size=chunk_size, backend=backend, check_values=check_values,
+                            **divergence_options)
 
     def forward(self, student_hidden, student_weight, labels=None, **teacher_and_biases):
-        return fused_linear_loss(student_hidden, student_weight, labels, **teacher_and_biases,
-                                 **self.options)
-
-    def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+        return self._fused_loss(student_hidden, student_weight, labels, **teacher_and_biases,
+                                **self.options)
 
 
 class FusedLinearAKLLoss(FusedLinearLoss):
@@ -200,11 +176,13 @@ class FusedLinearDistillationLoss(FusedLinearLoss):
     ``akl_kernels.fused_linear_distillation_loss``. Called like ``FusedLinearLoss`` with the
     labels required."""
 
+    _fused_loss = staticmethod(fused_linear_distillation_loss)
+
     def __init__(self, divergence="akl", *, kd_ratio=0.5, return_parts=False, **options):
+        super().__init__(divergence, **options)  # checks everything but these two
         checks.check_unit_interval("kd_ratio", kd_ratio)
-        super().__init__(divergence, **options)
+        checks.check_bool("return_parts", return_parts)
         self.options |= dict(kd_ratio=kd_ratio, return_parts=return_parts)
 
     def forward(self, student_hidden, student_weight, labels, **teacher_and_biases):
-        return fused_linear_distillation_loss(student_hidden, student_weight, labels,
-                                              **teacher_and_biases, **self.options)
+        return super().forward(student_hidden, student_weight, labels, **teacher_and_biases)

@@ -1,14 +1,19 @@
-"""akl-bench: this library against the official-style reference, torch.compile and Liger-Kernel.
+"""The benchmark report: this library against the official-style reference, torch.compile and
+Liger-Kernel.
 
 Measures on the current device, side by side in one run, every implementation in
 ``benchmarks/implementations.py`` that runs here, on the same inputs: median forward and
 forward+backward time after a warm-up, and the peak memory above the inputs (CUDA: the
 allocator's peak, in this process; CPU: the peak resident memory of a fresh subprocess per
-case). On CUDA every time is also a multiple of the SPEC's floor, with the copy bandwidth
+case). On CUDA every time is also a multiple of the floor of docs/contract.md §4, with the
+copy bandwidth
 measured in the same run. Prints a table and writes JSON, Markdown and PNG plots.
 
-    akl-bench [--quick] [--n 512 2048] [--vocab 32000] [--losses akl] [--out DIR]
-    python -m benchmarks ...   (the same)
+    python -m benchmarks [--quick] [--n 512 2048] [--vocab 32000] [--losses akl] [--out DIR]
+    ./run.sh bench ...   (the same, after setting up the environment)
+
+Results go to benchmarks/results/local/<device> (ignored by git) unless ``--out`` says where:
+the committed tables under benchmarks/results/ are written only when asked for.
 
 A case whose implementation would not fit in memory runs on the largest power-of-two fraction
 of the rows that does, and this library is then timed on those rows too, so that every
@@ -18,6 +23,7 @@ comparison is between equal inputs.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import itertools
 import json
 import os
@@ -112,7 +118,7 @@ CONFIG = ("n", "vocab", "dtype", "teacher")
 
 
 def _same_inputs(a, b):
-    return all(a[k] == b[k] for k in CONFIG + ("kind",))
+    return all(a[k] == b[k] for k in (*CONFIG, "kind"))
 
 
 def annotate(records, bandwidth):
@@ -175,11 +181,11 @@ def markdown(meta, records, skipped, parity_lines, command):
         where += (f" It continued the run started {resumed['date']} and kept the "
                   f"{resumed['cases_kept']} cases measured by then.")
         resumed = resumed.get("earlier")
-    lines = [f"# akl-bench: {meta['device_name']}", "", where]
+    lines = [f"# Benchmark report: {meta['device_name']}", "", where]
     if meta.get("copy_bandwidth_gbs"):
         lines += ["", f"Copy bandwidth measured in this run: {meta['copy_bandwidth_gbs']:.0f} GB/s "
                   "(bytes read + written). Floor = N*V*(2*bytes(s) + bytes(t)) / that bandwidth "
-                  "(read both logits once, write the gradient once: SPEC section 4)."]
+                  "(read both logits once, write the gradient once: docs/contract.md §4)."]
     lines += [
         "", "Times: median after a warm-up call "
         + ("(CUDA events, at least 5 repeats)" if meta["device"] == "cuda"
@@ -198,7 +204,7 @@ def markdown(meta, records, skipped, parity_lines, command):
                                         for i in dict.fromkeys(r["impl"] for r in records)) + ".",
     ]
     measured = [r for r in records if "forward_backward_ms" in r]
-    lines += ["", "## Summary", ""] + summary(records, meta["device"])
+    lines += ["", "## Summary", "", *summary(records, meta["device"])]
     for kind in KINDS + FAMILY:
         rows = [r for r in measured if r["kind"] == kind]
         if not rows:
@@ -230,7 +236,7 @@ def markdown(meta, records, skipped, parity_lines, command):
                             if k in r)
             lines.append(f"- {r['impl']} {what}: {r.get('skipped') or r.get('error', '')[:300]}")
     if parity_lines:
-        lines += ["", "## Parity", ""] + parity_lines
+        lines += ["", "## Parity", "", *parity_lines]
     return "\n".join(lines) + "\n"
 
 
@@ -285,7 +291,8 @@ def plot(records, meta, out, n):
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(prog="akl-bench", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks",
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=["cpu", "cuda"],
                         default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--n", type=int, nargs="+", help="rows (default: per device)")
@@ -312,6 +319,8 @@ def parse_args(argv):
                         "the rest of this grid")
     parser.add_argument("--render", type=Path, metavar="JSON",
                         help="only redraw the table and plots from an earlier run's JSON")
+    parser.add_argument("--no-plot", action="store_true",
+                        help="write the tables only (no matplotlib needed)")
     parser.add_argument("--out", type=Path, default=None,
                         help="output folder (default benchmarks/results/<device>)")
     args = parser.parse_args(argv)
@@ -320,7 +329,7 @@ def parse_args(argv):
             setattr(args, key, value)
     args.n = args.n or GRIDS[args.device]["n"]
     args.vocab = args.vocab or GRIDS[args.device]["vocab"]
-    args.out = args.out or Path("benchmarks/results") / args.device
+    args.out = args.out or Path("benchmarks/results/local") / args.device
     return args
 
 
@@ -329,10 +338,15 @@ def main(argv=None):
 
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
+    if not args.no_plot and importlib.util.find_spec("matplotlib") is None:
+        # Said before any case runs, not after the last one.
+        raise SystemExit("matplotlib is not installed: the report's plots need it (pip install "
+                         "matplotlib, or the bench extra); --no-plot writes the tables only")
     if args.render:
-        return write_report(json.loads(args.render.read_text()), args.render.parent)
+        return write_report(json.loads(args.render.read_text()), args.render.parent,
+                            not args.no_plot)
     device = args.device
-    command = " ".join(["akl-bench", *argv])
+    command = " ".join(["python -m benchmarks", *argv])
     meta = device_meta(device)
     meta.update(cpus=os.cpu_count(), args={k: str(v) if isinstance(v, Path) else v
                                           for k, v in vars(args).items()})
@@ -356,7 +370,7 @@ def main(argv=None):
                                cases_kept=len(records),
                                earlier=earlier["meta"].get("resumed"))
     json_path = args.out / f"bench_{device}.json"
-    for case in tqdm(cases, desc=f"akl-bench on {meta['device_name']}", unit="case"):
+    for case in tqdm(cases, desc=f"benchmarks on {meta['device_name']}", unit="case"):
         if time.time() > deadline:
             skipped.append(dict(vars(case), skipped="time budget (--budget-s) spent"))
             continue
@@ -368,16 +382,16 @@ def main(argv=None):
     result = dict(meta=meta, records=records, skipped=skipped, parity=parity_lines,
                   command=command)
     json_path.write_text(json.dumps(result, indent=1))
-    return write_report(result, args.out)
+    return write_report(result, args.out, not args.no_plot)
 
 
-def write_report(result, out):
+def write_report(result, out, with_plots=True):
     """The Markdown table and the PNGs from a run's JSON; exit status 1 if a case failed."""
     meta, records = result["meta"], result["records"]
     table = markdown(meta, records, result["skipped"], result["parity"], result["command"])
     md_path = out / f"bench_{meta['device']}.md"
     md_path.write_text(table)
-    pngs = plot(records, meta, out, max(meta["args"]["n"]))
+    pngs = plot(records, meta, out, max(meta["args"]["n"])) if with_plots else []
     print(table)
     print("wrote", md_path, *pngs)
     return 1 if any("error" in r for r in records) else 0

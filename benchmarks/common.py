@@ -41,7 +41,7 @@ def make_inputs(n, vocab, dtype, teacher, device, seed=0):
 
 
 def floor_bytes(n, vocab, s_dtype, t_dtype):
-    """SPEC 4: forward+backward must read s and t once and write the gradient once."""
+    """docs/contract.md §4: forward+backward must read s and t once and write the gradient once."""
     return n * vocab * (2 * s_dtype.itemsize + t_dtype.itemsize)
 
 

@@ -1,4 +1,4 @@
-"""Fused linear losses against the unfused path and Liger-Kernel's fused linear JSD (issue 6).
+"""Fused linear losses against the unfused path and Liger-Kernel's fused linear JSD.
 
     python -m benchmarks.fused_linear                  # CPU: N 4096, H 1024, V 32000, float32
     python -m benchmarks.fused_linear --device cuda    # N 8192, H 4096, V 128256, bfloat16
@@ -34,12 +34,12 @@ from pathlib import Path
 import torch
 
 import akl_kernels
-from akl_kernels import fused_linear
+from akl_kernels import fused_linear_sweeps
 from benchmarks.common import device_meta, fmt
 from benchmarks.measure import time_and_peak
 
 IMPLS = ("fused", "fused_budget1024", "unfused", "liger_fljsd", "liger_fljsd_loss")
-# Shapes of issue 6, per device: (N, H, V, dtype).
+# The contract's fused linear shape on GPU (docs/contract.md §4), per device: (N, H, V, dtype).
 DEFAULT_SHAPES = {"cpu": (4096, 1024, 32000, "float32"), "cuda": (8192, 4096, 128256, "bfloat16")}
 
 
@@ -54,7 +54,7 @@ class Case:
     device: str
 
 
-def _fused(kind, budget_mb=fused_linear.DEFAULT_BUDGET_MB):
+def _fused(kind, budget_mb=fused_linear_sweeps.DEFAULT_BUDGET_MB):
     def run(h, w, th, tw, labels):
         os.environ["AKL_FUSED_LINEAR_BUDGET_MB"] = str(budget_mb)  # read at each call
         return akl_kernels.fused_linear_loss(h, w, labels, divergence=kind, teacher_hidden=th,
@@ -67,7 +67,7 @@ def _unfused(kind):
     def run(h, w, th, tw, labels):
         with torch.no_grad():
             teacher_logits = th @ tw.T
-        return akl_kernels.losses.divergence_loss(kind, h @ w.T, teacher_logits, labels)
+        return akl_kernels.divergence_loss(h @ w.T, teacher_logits, labels, divergence=kind)
 
     return run
 
@@ -76,14 +76,14 @@ def _liger_fljsd(kind):
     from liger_kernel.transformers.fused_linear_jsd import LigerFusedLinearJSD
 
     loss = LigerFusedLinearJSD(jsd_beta=0.0)  # beta 0: KL(teacher || student), FKL
-    return lambda h, w, th, tw, labels: loss(h, w, th, tw, labels)
+    return loss
 
 
 def _liger_fljsd_loss(kind):
     from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
 
     loss = LigerFusedLinearJSDLoss(weight_hard_loss=0.0, weight_soft_loss=1.0, beta=0.0)
-    return lambda h, w, th, tw, labels: loss(h, w, th, tw, labels)
+    return loss
 
 
 BUILDERS = {"fused": _fused, "fused_budget1024": lambda kind: _fused(kind, 1024),

@@ -5,7 +5,7 @@
 #      vocabulary (tests/test_fused_linear.py), the divergence family's and distillation_loss's
 #      parity suites on CUDA tensors, then the CPU suite's tie, -inf, identical-model and
 #      strided-view cases on CUDA tensors;
-#   2. the fused linear benchmark (issue 6: N = 8192, H = 4096, V = 128256, bf16): fused
+#   2. the fused linear benchmark (N = 8192, H = 4096, V = 128256, bf16): fused
 #      against the unfused path and Liger-Kernel's fused linear JSD (when installed);
 #   3. akl-bench's GPU grid (N = 16384, V in {32000, 128256, 151936, 262144}, bf16 and fp32,
 #      flat and peaked teachers): Triton against the floor, the official-style reference eager

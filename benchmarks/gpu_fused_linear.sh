@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # A short GPU check of the fused linear losses alone (about 2 minutes on an H100): their CUDA
-# tests and benchmarks.fused_linear at issue 6's shape. gpu_check.sh runs both as well.
+# tests and benchmarks.fused_linear at the contract's fused linear shape. gpu_check.sh runs both as well.
 # Writes gpu_tests.log and fused_linear.{json,md} under $OUT.
 set -uo pipefail
 OUT="${OUT:-benchmarks/results/local}"

@@ -22,7 +22,7 @@ import akl_kernels
 import reference
 
 KINDS = ("fkl", "rkl", "akl")
-# The rest of this library's losses (issue 5), at their default parameters; "distill_akl" is
+# The rest of this library's losses, at their default parameters; "distill_akl" is
 # distillation_loss: 0.5 * CE(labels) + 0.5 * AKL with the cross-entropy fused in.
 FAMILY = ("jsd", "skew_fkl", "skew_rkl", "tvd", "mixed_kl", "distill_akl")
 

@@ -1,4 +1,5 @@
-"""Forward kernels under a few launch settings, for tuning ``akl_kernels/kernels/heuristics.py``.
+"""Forward kernels under a few launch settings, for tuning
+``akl_kernels/backends/triton/launch.py`` (whose chooser is patched here, not in the library).
 
     python -m benchmarks.launch_sweep --out DIR      (CUDA only; N = 16384, V = 128256, bf16)
 """
@@ -8,11 +9,12 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from unittest import mock
 
 import torch
 
 import akl_kernels
-from akl_kernels.kernels import heuristics
+from akl_kernels.backends.triton import launch
 from benchmarks.common import cuda_median_ms, device_meta, make_inputs
 
 FORWARD_SWEEP = {  # loss -> launch overrides tried
@@ -34,14 +36,14 @@ def main(argv=None):
     for kind, variants in FORWARD_SWEEP.items():
         fn = getattr(akl_kernels, f"{kind}_loss")
         for variant in variants:
-            heuristics.FORWARD_OVERRIDES.clear()
-            heuristics.FORWARD_OVERRIDES.update(variant)
-            fn(student, teacher)  # compile this variant outside the timing
-            ms = cuda_median_ms(lambda: fn(student, teacher))  # noqa: B023
+            chosen = launch.forward_launch
+            with mock.patch.object(launch, "forward_launch",
+                                   lambda *a, v=variant, f=chosen: {**f(*a), **v}):
+                fn(student, teacher)  # compile this variant outside the timing
+                ms = cuda_median_ms(lambda: fn(student, teacher))  # noqa: B023
             records.append(dict(kernel=f"{kind}_forward", launch=variant, ms=ms, n=n,
                                 vocab=vocab, dtype="bfloat16", teacher=args.teacher))
             print(json.dumps(records[-1]), flush=True)
-    heuristics.FORWARD_OVERRIDES.clear()
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "launch_sweep.json").write_text(
         json.dumps(dict(meta=device_meta("cuda"), records=records), indent=1))

@@ -7,6 +7,7 @@ peak resident memory is its own.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import gc
 import json
@@ -43,10 +44,8 @@ def rss_bytes(field):
 def release_freed_memory():
     """Give freed heap pages back to the OS so the baseline RSS holds only live memory."""
     gc.collect()
-    try:
+    with contextlib.suppress(OSError):  # not glibc: large tensors are unmapped on free anyway
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:  # not glibc: large tensors are unmapped on free anyway
-        pass
 
 
 def reset_peak_rss():

@@ -1,13 +1,12 @@
-"""The truth the library is tested against (SPEC section 5).
+"""The truth the library is tested against (docs/contract.md §5).
 
-``definition`` is a readable, sort-based, float64 restatement of SPEC section 2;
+``definition`` is a readable, sort-based, float64 restatement of docs/contract.md §2;
 ``official`` restates the algorithm of the AKL paper's published code (float32,
 unstable sort) so its agreement with ``definition`` on tie-free inputs can be shown.
 Neither is fast or memory-lean; that is the point of the package.
 """
 
 from reference.definition import (
-    ReferenceHeadTailStats,
     reference_akl,
     reference_distillation_loss,
     reference_fkl,
@@ -19,7 +18,6 @@ from reference.definition import (
 from reference.official import official_akl, official_fkl, official_rkl
 
 __all__ = [
-    "ReferenceHeadTailStats",
     "official_akl",
     "official_fkl",
     "official_rkl",

@@ -1,6 +1,6 @@
-"""SPEC section 2, line by line, in float64 with a full stable sort.
+"""docs/contract.md §2, line by line, in float64 with a full stable sort.
 
-Readable rather than fast: every function below follows one numbered rule of the SPEC, and
+Readable rather than fast: every function below follows one numbered rule of docs/contract.md, and
 gradients come from autograd. The package's backends are tested against these functions.
 """
 
@@ -11,17 +11,11 @@ from typing import NamedTuple
 
 import torch
 
-
-class ReferenceHeadTailStats(NamedTuple):
-    head_gap: torch.Tensor
-    tail_gap: torch.Tensor
-    head_weight: torch.Tensor
-    head_count: torch.Tensor
-    head_mass: torch.Tensor
+from akl_kernels import HeadTailStats  # the container only: no computation is shared
 
 
 def _scaled64(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    # SPEC 2: z = logits / T, computed here in float64 whatever the input dtype.
+    # docs/contract.md §2: z = logits / T, computed here in float64 whatever the input dtype.
     return logits.to(torch.float64) / temperature
 
 
@@ -32,7 +26,8 @@ def reference_head_mask(
     include_crossing: bool = False,
     temperature: float = 1.0,
 ) -> torch.Tensor:
-    """Boolean mask of the teacher's head, shape of ``teacher_logits`` (SPEC 2, AKL split)."""
+    """Boolean mask of the teacher's head, shape of ``teacher_logits`` (docs/contract.md §2,
+    the AKL split)."""
     p = torch.softmax(_scaled64(teacher_logits.detach(), temperature), dim=-1)
     # 1. order: p descending, stable, so equal p keep the lower vocabulary index first.
     p_sorted, order = torch.sort(p, dim=-1, descending=True, stable=True)
@@ -68,7 +63,8 @@ def _row_terms(student_logits, teacher_logits, temperature) -> _RowTerms:
     log_p = torch.log_softmax(zt, dim=-1)
     q, p = log_q.exp(), log_p.exp()
     # Contributing positions C: both logits differ from -inf. NaN and +inf stay in C so they
-    # propagate into the loss (SPEC 2). The logs are zeroed outside C *before* the product so
+    # propagate into the loss (docs/contract.md §2). The logs are zeroed outside C *before* the
+    # product so
     # that neither the value nor autograd ever meets 0 * inf.
     contributing = (zs != float("-inf")) & (zt != float("-inf"))
     log_q_c = torch.where(contributing, log_q, torch.zeros_like(log_q))
@@ -117,14 +113,14 @@ def reference_head_tail_stats(
     mu: float = 0.5,
     include_crossing: bool = False,
     temperature: float = 1.0,
-) -> ReferenceHeadTailStats:
+) -> HeadTailStats:
     terms = _row_terms(student_logits.detach(), teacher_logits, temperature)
     head = reference_head_mask(
         teacher_logits, mu=mu, include_crossing=include_crossing, temperature=temperature
     )
     head_gap, tail_gap, head_weight = _gap_weights(terms.p, terms.q, head)
     head_mass = torch.where(head, terms.p, torch.zeros_like(terms.p)).sum(-1)
-    return ReferenceHeadTailStats(head_gap, tail_gap, head_weight, head.sum(-1), head_mass)
+    return HeadTailStats(head_gap, tail_gap, head_weight, head.sum(-1), head_mass)
 
 
 def _reduce(rows, labels, ignore_index, reduction):

@@ -10,7 +10,7 @@ What makes it "official-style", and what the benchmarks measure as the baseline:
 
 It agrees with ``reference.definition`` on tie-free finite inputs (tests/test_reference.py);
 with ties its unstable sort may pick another head, and where the two gaps are both zero its
-weights are 0/0 = NaN. Those are the differences the SPEC fixes.
+weights are 0/0 = NaN. Those are the differences the contract (docs/contract.md) fixes.
 """
 
 from __future__ import annotations

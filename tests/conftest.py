@@ -7,7 +7,7 @@ import torch
 
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
-    # Must be set before akl_kernels.kernels is imported: triton.jit reads it at decoration.
+    # Must be set before the Triton backend is imported: triton.jit reads it at decoration.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import numpy as np  # noqa: E402

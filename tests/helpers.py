@@ -39,7 +39,8 @@ def grad_tol(dtype):
 
 
 def ambiguous_rows(teacher, *, mu, temperature=1.0, margin=1e-6):
-    """Rows where some normalised cumulative mass lies within ``margin`` of mu (SPEC 2).
+    """Rows where some normalised cumulative mass lies within ``margin`` of mu
+    (docs/contract.md §2).
 
     On those rows a backend summing in another order may legitimately pick another head.
     With mu = 1 every token is head by definition (c_k <= 1 always): nothing is ambiguous.

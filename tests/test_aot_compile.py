@@ -16,7 +16,7 @@ def test_every_specialisation_compiles_for_sm80_and_sm90():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     done = subprocess.run(
-        [sys.executable, "-m", "akl_kernels.kernels.aot"],
+        [sys.executable, "-m", "akl_kernels.backends.triton.aot"],
         capture_output=True, text=True, env=env, timeout=900, check=False,
     )
     assert done.returncode == 0, done.stderr[-3000:]

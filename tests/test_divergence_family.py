@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import akl_kernels
-from akl_kernels import chunked
+from akl_kernels.backends.torch import chunked
 from tests.conftest import BACKENDS, DEVICE
 from tests.helpers import (
     assert_matches_reference,
@@ -93,7 +93,7 @@ def test_no_nan_where_both_models_put_almost_no_mass(rng, backend, case):
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_identical_models_give_zero(rng, backend, case):
     teacher = logits(rng, (3, 777))
-    kind, fn, name, value = case
+    _kind, fn, name, value = case
     loss, grad = backend_grad(_loss_fn(fn, name, value), teacher, teacher, backend=backend,
                               reduction="none")
     assert loss.abs().max() < 1e-6

@@ -5,7 +5,7 @@ import torch
 
 import akl_kernels
 import reference
-from akl_kernels.autograd import as_rows
+from akl_kernels.row_results import as_rows
 from tests.conftest import BACKENDS, DEVICE
 from tests.helpers import (
     ambiguous_rows,
@@ -44,7 +44,7 @@ def test_ties_straddling_the_boundary(rng, backend, include_crossing, mu):
     ties_in_head = ref.head_count - 1  # the boundary lies inside the tie group for these mu
     assert ((ties_in_head[clear] > 0) & (ties_in_head[clear] < 60)).all()
     assert torch.equal(stats.head_count.cpu()[clear], ref.head_count[clear])
-    # The head gap depends on *which* tied tokens are in: lowest index first (SPEC 2).
+    # The head gap depends on *which* tied tokens are in: lowest index first (docs/contract.md §2).
     assert torch.allclose(stats.head_gap.cpu()[clear].double(), ref.head_gap[clear], atol=1e-5)
     loss = akl_kernels.akl_loss(student, teacher, backend=backend, reduction="none", **opts)
     ref_loss = reference.reference_akl(student.cpu(), teacher.cpu(), reduction="none", **opts)
@@ -154,7 +154,7 @@ def test_strided_views_are_not_copied(rng, backend, dtype):
         )
         assert torch.equal(loss, dense_loss), kind
         assert torch.equal(grad, dense_grad), kind
-        ref_loss, ref_grad = reference_grad(kind, student, teacher, reduction="none")
+        _ref_loss, ref_grad = reference_grad(kind, student, teacher, reduction="none")
         assert rel_err(grad, ref_grad) < grad_tol(dtype)
 
 
@@ -164,7 +164,8 @@ def test_gradcheck_float64_torch_backend(rng, kind, with_inf):
     teacher = logits(rng, (3, 7), torch.float64)
     student = logits(rng, (3, 7), torch.float64)
     if with_inf:
-        teacher[0, 2] = float("-inf")  # makes Q_C < 1: the extra terms of SPEC 2 matter
+        # Q_C < 1: the extra terms of the gradient (docs/contract.md §2) matter
+        teacher[0, 2] = float("-inf")
     student.requires_grad_(True)
     fn = LOSSES[kind]
     assert torch.autograd.gradcheck(
@@ -192,7 +193,7 @@ def test_torch_backend_chunking_is_exact(rng, kind, monkeypatch):
     student = student_near(teacher, rng)
     whole = backend_grad(LOSSES[kind], student, teacher, backend="torch", reduction="none")
     monkeypatch.setenv("AKL_TORCH_WORKING_SET_MB", "0.2")  # forces chunks of one or two rows
-    from akl_kernels import chunked
+    from akl_kernels.backends.torch import chunked
 
     assert chunked.chunk_rows(2000, torch.float32, kind) <= 2
     chunked_result = backend_grad(LOSSES[kind], student, teacher, backend="torch",

@@ -10,7 +10,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 pytest.importorskip("matplotlib")
 
-from examples import distill_tiny  # noqa: E402
+from examples import distill_tiny
 
 
 def test_distill_tiny_quick(tmp_path):

@@ -1,4 +1,4 @@
-"""Fused linear losses (issue 6) against the float64 reference of the materialised logits."""
+"""Fused linear losses against the float64 reference of the materialised logits."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import torch
 
 import akl_kernels
 import reference
-from akl_kernels import fused_linear
-from akl_kernels._validation import DIVERGENCES
+from akl_kernels import fused_linear_sweeps as fused_linear
+from akl_kernels.config import DIVERGENCES
 from tests.conftest import BACKENDS, DEVICE, HAS_CUDA
 from tests.helpers import rel_err
 
@@ -104,7 +104,7 @@ def small_tiles(monkeypatch):
 @pytest.mark.parametrize("form", ["head", "logits"])
 def test_matches_float64_reference(rng, small_tiles, kind, dtype, form):
     n, hidden, vocab = 37, 19, 203  # odd everything; teacher hidden size differs
-    assert fused_linear.plan_tiles(n, vocab, 4, None).vocab_block < vocab
+    assert fused_linear.plan_tiles(n, vocab, torch.float32, None).vocab_block < vocab
     student, teacher = _heads(rng, n, hidden, vocab, dtype, teacher_hidden=11)
     labels = _labels(rng, (n,), vocab)
     kwargs = _teacher_kwargs(teacher, form, dtype)
@@ -127,8 +127,9 @@ def test_matches_the_unfused_path(rng, kind):
     leaves = [x.detach().clone().requires_grad_(True) for x in student]
     with torch.no_grad():
         teacher_logits = teacher[0] @ teacher[1].T + teacher[2]
-    unfused = akl_kernels.losses.divergence_loss(
-        kind, leaves[0] @ leaves[1].T + leaves[2], teacher_logits, labels, backend="torch")
+    unfused = akl_kernels.divergence_loss(
+        leaves[0] @ leaves[1].T + leaves[2], teacher_logits, labels, divergence=kind,
+        backend="torch")
     unfused_grads = torch.autograd.grad(unfused, leaves)
     assert torch.allclose(loss, unfused, rtol=1e-5, atol=1e-6)
     for grad, ref in zip(grads, unfused_grads, strict=True):
@@ -302,11 +303,12 @@ def test_gradcheck_float64(rng):
 def test_plan_respects_the_budget():
     budget = fused_linear.budget_bytes()
     for n, vocab in [(8192, 128256), (4096, 32000), (1, 262144), (100_000, 32000)]:
-        tiles = fused_linear.plan_tiles(n, vocab, 4, None)
+        tiles = fused_linear.plan_tiles(n, vocab, torch.float32, None)
         assert tiles.forward_rows * vocab * 4 * 2 <= max(budget, vocab * 8)
         assert tiles.backward_rows * tiles.vocab_block * 4 * 3 <= max(budget, 128 * 12)
         assert tiles.vocab_block % 128 == 0 or tiles.vocab_block == vocab
-    assert fused_linear.plan_tiles(10, 1000, 4, 10_000) == fused_linear.Tiling(10, 10, 1000)
+    expected = fused_linear.Tiling(10, 10, 1000, torch.float32)
+    assert fused_linear.plan_tiles(10, 1000, torch.float32, 10_000) == expected
 
 
 def test_modules(rng):

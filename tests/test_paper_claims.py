@@ -10,7 +10,7 @@ from examples.paper_claims import head_share, total_variation, train, zipf_teach
 @pytest.fixture(scope="module")
 def runs():
     teacher = zipf_teacher(rows=16, vocab=100, seed=3)
-    record = (0, 20) + tuple(range(100, 1201, 100))
+    record = (0, 20, *tuple(range(100, 1201, 100)))
     return {kind: train(kind, teacher, steps=1200, lr=2.0, record=record, seed=4)
             for kind in ("fkl", "rkl")}
 

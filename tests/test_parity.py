@@ -1,4 +1,4 @@
-"""Every backend against the float64 reference: values and gradients (SPEC section 5)."""
+"""Every backend against the float64 reference: values and gradients (docs/contract.md §5)."""
 
 import itertools
 
@@ -47,7 +47,8 @@ def test_values_and_gradients(rng, backend, kind, s_dtype, t_dtype, lead, vocab)
     teacher = logits(rng, shape, t_dtype)
     student = student_near(teacher, rng).to(s_dtype)
     amb = ambiguous_rows(teacher, mu=0.5, temperature=temperature)
-    # An ambiguous row may pick a neighbouring head (SPEC 2): the loss moves by ~1e-6 then.
+    # An ambiguous row may pick a neighbouring head (docs/contract.md §2): the loss moves by
+    # ~1e-6 then.
     tol = 1e-3 if (kind == "akl" and amb.any()) else 1e-4
     _check(kind, backend, student, teacher, temperature=temperature, reduction="sum", value_tol=tol)
 

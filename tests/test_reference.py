@@ -1,8 +1,10 @@
-"""The references themselves: the SPEC's definition against the official algorithm (SPEC 5).
+"""The references themselves: the contract's definition against the official algorithm
+(docs/contract.md §5).
 
 ``reference.official_akl`` restates the paper's code (float32, unstable sort, NaN weights at
-identical models); ``reference.reference_akl`` is SPEC 2 in float64. They must agree wherever
-the SPEC does not deliberately differ (tie-free finite inputs), and differ exactly where it does.
+identical models); ``reference.reference_akl`` is docs/contract.md §2 in float64. They must
+agree wherever the contract does not deliberately differ (tie-free finite inputs), and differ
+exactly where it does.
 """
 
 import pytest
@@ -212,7 +214,7 @@ def test_ties_take_the_lowest_indices_first(dtype):
         assert torch.equal(got_perm[0], want)
         tied = [int(i) for i in range(10) if perm[i] in (1, 3, 6, 8)]
         n_tied_in = int(want[[1, 3, 6, 8]].sum())
-        want_perm = mask([int((perm == 5).nonzero())] + tied[:n_tied_in])
+        want_perm = mask([int((perm == 5).nonzero()), *tied[:n_tied_in]])
         assert torch.equal(got_perm[1], want_perm), (mu, include_crossing, got_perm[1])
 
 
@@ -240,7 +242,7 @@ def test_reference_weights_are_one_half_for_identical_models(rng):
     assert torch.allclose(w, stats.head_gap / (stats.head_gap + stats.tail_gap))
 
 
-# ---------------------------------------------------------------- (d) where the SPEC differs
+# ---------------------------------------------------------------- (d) where the contract differs
 
 
 def test_official_gives_nan_weights_for_identical_models_the_spec_gives_one_half(rng):

@@ -148,3 +148,51 @@ def test_compiled_student(tmp_path, rng):
 def test_teacher_is_required(tmp_path):
     with pytest.raises(ValueError, match="teacher_model"):
         _trainer(tmp_path, _gpt2(1, 64), None, [])
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["logits", "fused_linear"])
+def test_student_with_a_larger_vocabulary(tmp_path, rng, fused):
+    """The cross-entropy takes the student's whole vocabulary (the model's own loss), the
+    divergence the shared leading one; a label among the student's extra tokens trains."""
+    student, teacher = _gpt2(1, 72), _gpt2(2, 64, seed=1)
+    data = _data(rng)
+    data[0]["labels"][5] = 70  # a token only the student has
+    batch = {k: torch.stack([d[k] for d in data]) for k in ("input_ids", "labels")}
+    trainer = _trainer(tmp_path, student, teacher, data, steps=2, kd_ratio=0.5,
+                       fused_linear=fused)
+    student.eval()  # no dropout: every call below sees the same logits
+    loss = trainer.compute_loss(student, batch)
+    (grad,) = torch.autograd.grad(loss, student.lm_head.weight)
+    own_ce = student(**batch).loss  # the model's own shifted cross-entropy, full vocabulary
+    with torch.no_grad():
+        s, t = student(batch["input_ids"]).logits, teacher(batch["input_ids"]).logits
+    out = causal_lm_distillation_loss(s, t, batch["labels"], kd_ratio=0.5)
+    assert out.cross_entropy == pytest.approx(own_ce.item(), rel=1e-5)
+    divergence = akl_kernels.akl_loss(s[..., :64], t, next_token_labels(batch["labels"]))
+    assert out.divergence == pytest.approx(divergence.item(), rel=1e-5)
+    assert loss.item() == pytest.approx(out.loss.item(), rel=1e-4)
+    assert grad[64:].abs().sum() > 0  # the extra tokens learn, from the cross-entropy
+    trainer.train()  # and training does not stop at the extra label
+    assert len(_logs(trainer)) == 2
+
+
+@pytest.mark.parametrize("options,error,name", [
+    (dict(divergence="kl"), ValueError, "divergence"),
+    (dict(divergence=["akl"]), TypeError, "divergence"),
+    (dict(kd_ratio=1.5), ValueError, "kd_ratio"),
+    (dict(mu=0.0), ValueError, "mu"),
+    (dict(temperature=-1.0), ValueError, "temperature"),
+    (dict(divergence="jsd", divergence_options={"lam": 0.1}), TypeError, "lam"),
+    (dict(loss_backend="gpu"), ValueError, "backend"),
+    (dict(fused_linear="yes"), TypeError, "fused_linear"),
+], ids=repr)
+def test_trainer_options_are_checked_when_it_is_built(tmp_path, options, error, name):
+    with pytest.raises(error, match=name):
+        _trainer(tmp_path, _gpt2(1, 64), _gpt2(1, 64, seed=1), [], **options)
+
+
+def test_a_batch_without_labels_is_a_clear_error(tmp_path, rng):
+    trainer = _trainer(tmp_path, _gpt2(1, 64), _gpt2(1, 64, seed=1), _data(rng))
+    ids = torch.stack([d["input_ids"] for d in _data(rng)])
+    with pytest.raises(ValueError, match="labels"):
+        trainer.compute_loss(trainer.model, {"input_ids": ids})

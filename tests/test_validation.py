@@ -1,8 +1,9 @@
-"""Bad input gets a TypeError / ValueError naming the argument, before any work (SPEC 3).
+"""Bad input gets a TypeError / ValueError naming the argument, before any work
+(docs/contract.md §3).
 
 Every public entry point is covered: the three loss functions, ``head_tail_stats`` and the
 three ``torch.nn.Module`` wrappers (whose options are checked at construction). An autouse
-fixture replaces the backends and the autograd Function by a tripwire, so a check that only
+fixture replaces the custom operator by a tripwire, so a check that only
 fires *after* work has started (or never fires) fails here instead of passing by accident.
 """
 
@@ -12,31 +13,26 @@ import pytest
 import torch
 
 import akl_kernels
-from akl_kernels import _validation as checks
 from akl_kernels import losses as losses_module
+from akl_kernels.backends import resolve_backend
 from tests.conftest import DEVICE
 
 V = 11
 LEAD = (2, 3)
 
 
-class _WorkStarted(AssertionError):
+class _WorkStartedError(AssertionError):
     pass
 
 
 def _tripwire(*args, **kwargs):
-    raise _WorkStarted("validation let bad input through to the backend")
-
-
-class _TripwireFunction:
-    apply = staticmethod(_tripwire)
+    raise _WorkStartedError("validation let bad input through to the backend")
 
 
 @pytest.fixture(autouse=True)
 def no_work(monkeypatch):
-    """Any call that reaches a backend or the autograd Function fails the test."""
-    monkeypatch.setattr(losses_module, "_backend_module", _tripwire)
-    monkeypatch.setattr(losses_module, "DivergenceFunction", _TripwireFunction)
+    """Any call that reaches the custom operator (and so a backend) fails the test."""
+    monkeypatch.setattr(losses_module, "divergence_rows", _tripwire)
 
 
 # Each entry point as f(student, teacher, labels=None, **options). For the modules the options
@@ -63,10 +59,13 @@ LOSS_ENTRIES = {
     "AKLLoss": _module(akl_kernels.AKLLoss),
 }
 ALL_ENTRIES = {**LOSS_ENTRIES, "head_tail_stats": _stats}
+# The entries that take AKL's split options (mu, include_crossing); the others refuse them.
+SPLIT_ENTRIES = ("akl_loss", "AKLLoss", "head_tail_stats")
 MODULES = [akl_kernels.FKLLoss, akl_kernels.RKLLoss, akl_kernels.AKLLoss]
 
 all_entries = pytest.mark.parametrize("entry", sorted(ALL_ENTRIES))
 loss_entries = pytest.mark.parametrize("entry", sorted(LOSS_ENTRIES))
+split_entries = pytest.mark.parametrize("entry", SPLIT_ENTRIES)
 
 
 def _pair(rng, lead=LEAD, v=V, dtype=torch.float32):
@@ -114,7 +113,7 @@ def test_tripwire_is_armed(rng):
     # Valid input reaches the backend, so every error below really comes from validation.
     s, t = _pair(rng)
     for f in ALL_ENTRIES.values():
-        with pytest.raises(_WorkStarted):
+        with pytest.raises(_WorkStartedError):
             f(s, t)
 
 
@@ -199,7 +198,7 @@ def test_teacher_requiring_grad_is_fine_without_grad_mode(rng, entry):
     # backend (the tripwire) instead of a ValueError.
     s, t = _pair(rng)
     t.requires_grad_(True)
-    with torch.no_grad(), pytest.raises(_WorkStarted):
+    with torch.no_grad(), pytest.raises(_WorkStartedError):
         ALL_ENTRIES[entry](s, t)
 
 
@@ -240,19 +239,28 @@ BAD_MUS = [
 ]
 
 
-@all_entries
+@split_entries
 @pytest.mark.parametrize("mu,error", BAD_MUS, ids=repr)
 def test_bad_mu(rng, entry, mu, error):
     s, t = _pair(rng)
     _expect(error, "mu", lambda: ALL_ENTRIES[entry](s, t, mu=mu), s, t)
 
 
-@all_entries
+@split_entries
 @pytest.mark.parametrize("value", [1, 0, "yes", None, 1.0, torch.tensor(True)], ids=repr)
 def test_include_crossing_not_a_bool(rng, entry, value):
     s, t = _pair(rng)
     call = lambda: ALL_ENTRIES[entry](s, t, include_crossing=value)  # noqa: E731
     _expect(TypeError, "include_crossing", call, s, t)
+
+
+@pytest.mark.parametrize("entry", sorted(set(LOSS_ENTRIES) - set(SPLIT_ENTRIES)))
+@pytest.mark.parametrize("option", [dict(mu=0.5), dict(include_crossing=True), dict(param=0.3),
+                                    dict(beta=0.5), dict(lam=0.1)], ids=repr)
+def test_options_of_other_divergences_are_refused(rng, entry, option):
+    # An option the divergence does not take is an error, not silently ignored.
+    s, t = _pair(rng)
+    _expect(TypeError, next(iter(option)), lambda: LOSS_ENTRIES[entry](s, t, **option), s, t)
 
 
 @loss_entries
@@ -350,13 +358,16 @@ def test_bad_ignore_index(rng, entry, ignore_index):
 )
 def test_module_constructor_checks(cls, options, error, name):
     # No tensors at all: the module must refuse at construction, not at the first step.
+    split = {"mu", "include_crossing"} & set(options)
+    if split and cls is not akl_kernels.AKLLoss:
+        error = TypeError  # only AKL takes the split's options
     with pytest.raises(error, match=name):
         cls(**options)
 
 
 @pytest.mark.parametrize("cls", MODULES, ids=lambda c: c.__name__)
 def test_module_call_checks(rng, cls):
-    loss = cls(mu=0.4, temperature=2.0)
+    loss = cls(**(dict(mu=0.4) if cls is akl_kernels.AKLLoss else {}), temperature=2.0)
     s, t = _pair(rng)
     _expect(ValueError, "teacher_logits", lambda: loss(s, t[..., :-1]), s, t)
     _expect(ValueError, "labels", lambda: loss(s, t, torch.zeros(6, dtype=torch.long)), s, t)
@@ -376,13 +387,16 @@ def test_nothing_modified_on_error(rng, entry):
     assert not s.is_contiguous()
     t = torch.randn(*LEAD, V, generator=rng).to(torch.float16).to(DEVICE)
     labels = _labels(rng)
-    for bad, error, name in [
+    for bad, refusal, name in [
         (dict(mu=2.0), ValueError, "mu"),
         (dict(temperature=-1.0), ValueError, "temperature"),
         (dict(reduction="max"), ValueError, "reduction"),
         (dict(backend="gpu"), ValueError, "backend"),
         (dict(include_crossing="no"), TypeError, "include_crossing"),
     ]:
+        error = refusal
+        if name in ("mu", "include_crossing") and entry not in SPLIT_ENTRIES:
+            error = TypeError  # an option this divergence does not take
         call = lambda bad=bad: LOSS_ENTRIES[entry](s, t, labels, **bad)  # noqa: E731
         _expect(error, name, call, s, t, labels, base)
     assert not t.requires_grad and s.requires_grad and s.grad is None
@@ -398,7 +412,7 @@ def test_triton_on_cpu_without_interpreter(rng, monkeypatch, value):
     s = torch.randn(3, V, generator=rng)
     t = torch.randn(3, V, generator=rng)
     with pytest.raises(ValueError, match="TRITON_INTERPRET"):
-        checks.resolve_backend("triton", s, t)
+        resolve_backend("triton", s, t)
     # The public functions read the variable at call time too, and modify nothing.
     s.requires_grad_(True)
     _expect(ValueError, "TRITON_INTERPRET", lambda: akl_kernels.akl_loss(s, t, backend="triton"),
@@ -406,18 +420,18 @@ def test_triton_on_cpu_without_interpreter(rng, monkeypatch, value):
     _expect(ValueError, "TRITON_INTERPRET",
             lambda: akl_kernels.head_tail_stats(s, t, backend="triton"), s, t)
     # 'auto' and 'torch' need no interpreter on CPU.
-    assert checks.resolve_backend("auto", s, t) == "torch"
-    assert checks.resolve_backend("torch", s, t) == "torch"
+    assert resolve_backend("auto", s, t) == "torch"
+    assert resolve_backend("torch", s, t) == "torch"
 
 
 def test_triton_on_cpu_with_interpreter(rng, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     s = torch.randn(3, V, generator=rng)
     t = torch.randn(3, V, generator=rng)
-    assert checks.resolve_backend("triton", s, t) == "triton"
-    assert checks.resolve_backend("auto", s.double(), t.double()) == "torch"
+    assert resolve_backend("triton", s, t) == "triton"
+    assert resolve_backend("auto", s.double(), t.double()) == "torch"
     with pytest.raises(TypeError, match="float64"):
-        checks.resolve_backend("triton", s, t.double())
+        resolve_backend("triton", s, t.double())
 
 
 def test_infinite_options_are_refused(rng):
@@ -425,3 +439,69 @@ def test_infinite_options_are_refused(rng):
     _expect(ValueError, "temperature", lambda: akl_kernels.akl_loss(s, t, temperature=math.inf),
             s, t)
     _expect(ValueError, "mu", lambda: akl_kernels.akl_loss(s, t, mu=-math.inf), s, t)
+
+
+# ---------------------------------------------------------------- options that failed late
+
+
+@pytest.mark.parametrize("make,error,name", [
+    (lambda: akl_kernels.AKLLoss(ignore_index="x"), TypeError, "ignore_index"),
+    (lambda: akl_kernels.FKLLoss(ignore_index=2**70), ValueError, "ignore_index"),
+    (lambda: akl_kernels.FusedLinearLoss(ignore_index=None), TypeError, "ignore_index"),
+    (lambda: akl_kernels.FusedLinearAKLLoss(check_values="no"), TypeError, "check_values"),
+    (lambda: akl_kernels.DistillationLoss(backend="x"), ValueError, "backend"),
+    (lambda: akl_kernels.DistillationLoss(return_parts="yes"), TypeError, "return_parts"),
+    (lambda: akl_kernels.DistillationLoss(kd_ratio=1.5), ValueError, "kd_ratio"),
+    (lambda: akl_kernels.DistillationLoss(["akl"]), TypeError, "divergence"),
+    (lambda: akl_kernels.DivergenceLoss("kl"), ValueError, "divergence"),
+    (lambda: akl_kernels.FusedLinearDistillationLoss(kd_ratio=-0.1), ValueError, "kd_ratio"),
+], ids=repr)
+def test_modules_refuse_bad_options_at_construction(make, error, name):
+    with pytest.raises(error, match=name):
+        make()
+
+
+def test_bad_options_without_labels_or_of_the_wrong_type(rng):
+    s, t = _pair(rng)
+    labels = _labels(rng)
+    _expect(TypeError, "ignore_index",
+            lambda: akl_kernels.akl_loss(s, t, None, ignore_index="x"), s, t)
+    _expect(ValueError, "ignore_index",
+            lambda: akl_kernels.akl_loss(s, t, labels, ignore_index=2**70), s, t, labels)
+    _expect(TypeError, "return_parts",
+            lambda: akl_kernels.distillation_loss(s, t, labels, return_parts="yes"), s, t, labels)
+    _expect(TypeError, "check_values",
+            lambda: akl_kernels.fkl_loss(s, t, check_values=1), s, t)
+    _expect(TypeError, "divergence",
+            lambda: akl_kernels.distillation_loss(s, t, labels, divergence=["akl"]), s, t, labels)
+    _expect(TypeError, "divergence",
+            lambda: akl_kernels.divergence_loss(s, t, divergence=None), s, t)
+
+
+@pytest.mark.parametrize("which", ["student_logits", "teacher_logits"])
+def test_sparse_and_meta_tensors_are_refused(rng, which):
+    s, t = _pair(rng)
+    for bad, error, what in [(t.detach().to_sparse(), TypeError, "dense"),
+                             (torch.empty(t.shape, device="meta"), ValueError, "meta")]:
+        args = (bad, t) if which == "student_logits" else (s, bad)
+        with pytest.raises(error, match=rf"{which}.*{what}"):
+            akl_kernels.akl_loss(*args)
+    h = torch.randn(4, 3, generator=rng).to_sparse()
+    with pytest.raises(TypeError, match=r"student_hidden.*dense"):
+        akl_kernels.fused_linear_loss(h, torch.randn(5, 3), teacher_logits=torch.randn(4, 5))
+
+
+@pytest.mark.parametrize("variable", ["AKL_TORCH_WORKING_SET_MB", "AKL_FUSED_LINEAR_BUDGET_MB"])
+@pytest.mark.parametrize("value", ["abc", "-5", "0", "nan"])
+def test_a_bad_size_in_the_environment_names_the_variable(rng, monkeypatch, variable, value):
+    monkeypatch.undo()  # the real operators: the variable is read where the work starts
+    monkeypatch.setenv(variable, value)
+    s, t = _pair(rng)
+    h, w = torch.randn(*LEAD, 4, generator=rng), torch.randn(V, 4, generator=rng)
+    if variable == "AKL_TORCH_WORKING_SET_MB":
+        call = lambda: akl_kernels.akl_loss(s, t, backend="torch")  # noqa: E731
+    else:
+        call = lambda: akl_kernels.fused_linear_loss(h, w, teacher_logits=t,  # noqa: E731
+                                                     backend="torch")
+    with pytest.raises(ValueError, match=variable):
+        call()

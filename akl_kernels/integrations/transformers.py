@@ -15,8 +15,11 @@ from typing import NamedTuple
 import torch
 from transformers import Trainer
 
-from akl_kernels.linear_losses import fused_linear_distillation_loss
-from akl_kernels.losses import distillation_loss, head_tail_stats
+from akl_kernels import validation as checks
+from akl_kernels.config import make_config
+from akl_kernels.fused_linear_losses import fused_linear_distillation_loss, fused_linear_loss
+from akl_kernels.losses import distillation_loss, divergence_loss, head_tail_stats
+from akl_kernels.row_results import mix_terms
 
 logger = logging.getLogger(__name__)
 
@@ -54,29 +57,47 @@ def shared_vocabulary(student_size: int, teacher_size: int, warn_once: list | No
     return shared
 
 
+def _with_student_only_tokens(divergence_part, cross_entropy_part, kd_ratio):
+    """The loss of a student with tokens the teacher lacks: the divergence on the shared
+    vocabulary, the cross-entropy on the student's whole vocabulary (computed apart)."""
+    return CausalLMDistillation(mix_terms(divergence_part, cross_entropy_part, kd_ratio),
+                                cross_entropy_part.detach(), divergence_part.detach(), None)
+
+
 def causal_lm_distillation_loss(student_logits, teacher_logits, labels, *, divergence="akl",
                                 kd_ratio=0.5, temperature=1.0, ignore_index=-100,
                                 with_head_weight=True, backend="auto", warn_once=None,
                                 **divergence_options) -> CausalLMDistillation:
     """``distillation_loss`` for causal LM outputs ``[B, L, V]`` and the batch's unshifted
     ``labels`` ``[B, L]``: ``(1 - kd_ratio) CE + kd_ratio divergence`` on next-token
-    positions, over the vocabulary both models share. ``kd_ratio = 1`` is pure distillation."""
+    positions. ``kd_ratio = 1`` is pure distillation.
+
+    The cross-entropy takes the student's whole vocabulary; the divergence compares the two
+    models on the leading vocabulary both have, each distribution renormalised there (tokens
+    only one model has take no part in it)."""
     vocab = shared_vocabulary(student_logits.shape[-1], teacher_logits.shape[-1], warn_once)
-    student_logits, teacher_logits = student_logits[..., :vocab], teacher_logits[..., :vocab]
+    shared_student, teacher_logits = student_logits[..., :vocab], teacher_logits[..., :vocab]
     targets = next_token_labels(labels, ignore_index)
-    out = distillation_loss(student_logits, teacher_logits, targets, divergence=divergence,
-                            kd_ratio=kd_ratio, temperature=temperature,
-                            ignore_index=ignore_index, backend=backend, return_parts=True,
-                            **divergence_options)
+    options = dict(divergence=divergence, temperature=temperature, ignore_index=ignore_index,
+                   backend=backend, **divergence_options)
+    if vocab == student_logits.shape[-1]:  # one fused pass: CE and divergence together
+        out = distillation_loss(student_logits, teacher_logits, targets, kd_ratio=kd_ratio,
+                                return_parts=True, **options)
+        out = CausalLMDistillation(out.loss, out.cross_entropy, out.divergence, None)
+    else:
+        out = _with_student_only_tokens(
+            divergence_loss(shared_student, teacher_logits, targets, **options),
+            distillation_loss(student_logits, None, targets, kd_ratio=0.0, **options),
+            kd_ratio)
     head_weight = None
     if with_head_weight and divergence == "akl":
         split = {k: v for k, v in divergence_options.items() if k in ("mu", "include_crossing")}
-        stats = head_tail_stats(student_logits.detach(), teacher_logits, temperature=temperature,
+        stats = head_tail_stats(shared_student.detach(), teacher_logits, temperature=temperature,
                                 backend=backend, **split)
         valid = targets != ignore_index
         # No scored position: no head weight to report (None, not a sum over nothing).
         head_weight = stats.head_weight[valid].mean() if bool(valid.any()) else None
-    return CausalLMDistillation(out.loss, out.cross_entropy, out.divergence, head_weight)
+    return out._replace(head_weight=head_weight)
 
 
 class DistillationTrainer(Trainer):
@@ -101,13 +122,18 @@ class DistillationTrainer(Trainer):
                  fused_linear=False, log_head_weight=True, loss_backend="auto", **kwargs):
         if teacher_model is None:
             raise ValueError("teacher_model is required")
+        options = dict(divergence_options or {})
+        if divergence == "akl":
+            options.setdefault("mu", mu)
+        # Every option is checked here, before any model is moved or any step is taken.
+        make_config(divergence, options, temperature=temperature, kd_ratio=kd_ratio)
+        checks.check_backend_name(loss_backend)
+        for name, value in (("fused_linear", fused_linear), ("log_head_weight", log_head_weight)):
+            checks.check_bool(name, value)
         if fused_linear:
             for role, net in (("model", model), ("teacher_model", teacher_model)):
                 _check_plain_output_layer(role, net)
         super().__init__(model=model, args=args, **kwargs)
-        options = dict(divergence_options or {})
-        if divergence == "akl":
-            options.setdefault("mu", mu)
         self.loss_options = dict(divergence=divergence, kd_ratio=kd_ratio,
                                  temperature=temperature, backend=loss_backend, **options)
         self.fused_linear = fused_linear
@@ -120,6 +146,11 @@ class DistillationTrainer(Trainer):
         self._vocab_warned: list = []
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if "labels" not in inputs:
+            raise ValueError(
+                "DistillationTrainer needs a 'labels' entry in every batch (the token ids, "
+                "unshifted, -100 where not scored; e.g. DataCollatorForLanguageModeling(mlm="
+                f"False) adds them); this batch has {sorted(inputs)}")
         labels = inputs["labels"]
         model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
         if self.fused_linear:
@@ -152,12 +183,25 @@ class DistillationTrainer(Trainer):
         vocab = shared_vocabulary(student_head.weight.shape[0], teacher_head.weight.shape[0],
                                   self._vocab_warned)
         bias = lambda head: None if head.bias is None else head.bias[:vocab]  # noqa: E731
-        out = fused_linear_distillation_loss(
-            hidden, student_head.weight[:vocab], next_token_labels(labels),
-            teacher_hidden=teacher_hidden, teacher_weight=teacher_head.weight[:vocab],
-            student_bias=bias(student_head), teacher_bias=bias(teacher_head), return_parts=True,
-            **self.loss_options)
-        return CausalLMDistillation(out.loss, out.cross_entropy, out.divergence, None), outputs
+        targets = next_token_labels(labels)
+        options = dict(self.loss_options)
+        kd_ratio = options.pop("kd_ratio")
+        teacher = dict(teacher_hidden=teacher_hidden, teacher_weight=teacher_head.weight[:vocab],
+                       teacher_bias=bias(teacher_head))
+        if vocab == student_head.weight.shape[0]:
+            out = fused_linear_distillation_loss(
+                hidden, student_head.weight, targets, student_bias=student_head.bias,
+                kd_ratio=kd_ratio, return_parts=True, **teacher, **options)
+            out = CausalLMDistillation(out.loss, out.cross_entropy, out.divergence, None)
+        else:  # as causal_lm_distillation_loss: the CE over the student's whole vocabulary
+            out = _with_student_only_tokens(
+                fused_linear_loss(hidden, student_head.weight[:vocab], targets,
+                                  student_bias=bias(student_head), **teacher, **options),
+                fused_linear_distillation_loss(hidden, student_head.weight, targets,
+                                               student_bias=student_head.bias, kd_ratio=0.0,
+                                               **options),
+                kd_ratio)
+        return out, outputs
 
     def _record(self, out: CausalLMDistillation):
         parts = {"cross_entropy": out.cross_entropy, "kd_divergence": out.divergence,

@@ -8,17 +8,21 @@ import torch
 import triton
 import triton.language as tl
 
-from akl_kernels.autograd import N_ROW_STATS, HeadRows, RowResult
-from akl_kernels.kernels import heuristics
-from akl_kernels.kernels.row_passes import (
+from akl_kernels.backends.torch.pointwise import tail_value
+from akl_kernels.backends.triton import launch
+from akl_kernels.backends.triton import stat_columns as stat
+from akl_kernels.backends.triton.row_passes import (
     head_gaps,
     head_threshold,
+    mix_terms,
     pointwise_sums,
     softmax_kl_stats,
 )
+from akl_kernels.row_results import N_ROW_STATS, HeadTailStats, RowResult
 
-# Columns of the head-statistics buffer (AKL only).
-_HEAD_GAP, _TAIL_GAP, _HEAD_WEIGHT, _HEAD_MASS = range(4)
+# Columns of the head-statistics buffer (AKL only), read back into HeadTailStats below.
+_HEAD_GAP, _TAIL_GAP, _HEAD_WEIGHT, _HEAD_MASS = (tl.constexpr(k) for k in range(4))
+_N_HEAD = tl.constexpr(4)
 
 
 @triton.jit
@@ -41,6 +45,7 @@ def _divergence_forward_kernel(
     param,
     log_wp,
     log_wq,
+    tail,  # the pointwise gradient's reference value a0 (backends/torch/pointwise.py)
     t_scale,  # T
     kd_ratio,
     mu,
@@ -52,16 +57,18 @@ def _divergence_forward_kernel(
     BLOCK: tl.constexpr,
     SEARCH_BLOCK: tl.constexpr,
     PIVOTS: tl.constexpr,
-    N_STATS: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     s_row = s_ptr + row * stride_s
     t_row = t_ptr + row * stride_t
-    stats_row = stats_ptr + row * N_STATS
+    stats_row = stats_ptr + row * stat.N_STATS
     if tl.load(valid_ptr + row) != 0:
         m_s, sum_s, m_t, sum_t, fkl, rkl, p_c, q_c, bad, sum_1 = softmax_kl_stats(
             s_row, t_row, V, inv_t, t_scale, WITH_CE, BLOCK
         )
+        # A model whose logits are all -inf has no distribution: the divergence is NaN, as
+        # for NaN or +inf logits.
+        bad = bad | (sum_s == 0.0) | (sum_t == 0.0)
         logz_s = tl.log(sum_s)
         logz_t = tl.log(sum_t)
         w_f = fkl_weight
@@ -82,56 +89,72 @@ def _divergence_forward_kernel(
             )
             total = head_gap + tail_gap
             w_f = tl.where(total > 0, head_gap / tl.where(total > 0, total, 1.0), 0.5)
-            head_row = head_ptr + row * 4
-            tl.store(head_row + 0, head_gap)
-            tl.store(head_row + 1, tail_gap)
-            tl.store(head_row + 2, w_f)
-            tl.store(head_row + 3, head_mass)
+            head_row = head_ptr + row * _N_HEAD
+            tl.store(head_row + _HEAD_GAP, head_gap)
+            tl.store(head_row + _TAIL_GAP, tail_gap)
+            tl.store(head_row + _HEAD_WEIGHT, w_f)
+            tl.store(head_row + _HEAD_MASS, head_mass)
             tl.store(count_ptr + row, head_count)
         w_r = 1.0 - w_f
         loss = w_f * fkl + w_r * rkl
         h_sum = tl.zeros([], tl.float32)
+        q_above = tl.zeros([], tl.float32)
+        q_below = tl.zeros([], tl.float32)
+        q_rest = tl.zeros([], tl.float32)
         if POINTWISE:
-            loss, h_sum = pointwise_sums(
+            loss, h_sum, q_above, q_below, q_rest = pointwise_sums(
                 s_row, t_row, V, inv_t, m_s, logz_s, m_t, logz_t, pointwise, param, log_wp,
-                log_wq, BLOCK,
+                log_wq, tail, BLOCK,
             )
-        loss = tl.where(bad == 0, loss, float("nan"))
+        # NaN in every column the divergence's gradient reads: its gradient row is NaN too.
+        nan = float("nan")
+        loss = tl.where(bad == 0, loss, nan)
+        rkl = tl.where(bad == 0, rkl, nan)
+        h_sum = tl.where(bad == 0, h_sum, nan)
+        q_above = tl.where(bad == 0, q_above, nan)
+        q_below = tl.where(bad == 0, q_below, nan)
+        q_rest = tl.where(bad == 0, q_rest, nan)
         logz_1 = logz_s
         if WITH_CE:  # (1 - kd_ratio) * CE(student at T = 1, label) + kd_ratio * loss
-            z_label = tl.load(s_row + tl.load(labels_ptr + row)).to(tl.float32) * inv_t
+            # Clamped: with check_values=False a bad label gives a wrong loss, never a read
+            # outside the row.
+            label = tl.minimum(tl.maximum(tl.load(labels_ptr + row), 0), V - 1)
+            z_label = tl.load(s_row + label).to(tl.float32) * inv_t
             logz_1 = tl.log(sum_1)
             ce = (m_s - z_label) * t_scale + logz_1
             tl.store(parts_ptr + row * 2, loss)
             tl.store(parts_ptr + row * 2 + 1, ce)
-            loss = kd_ratio * loss + (1.0 - kd_ratio) * ce
+            loss = mix_terms(loss, ce, kd_ratio)
         tl.store(loss_ptr + row, loss)
-        # Column order of akl_kernels.autograd: M_S, LOGZ_S, M_T, LOGZ_T, RKL, P_C, Q_C, W_F,
-        # W_R, H_SUM
-        tl.store(stats_row + 0, m_s)
-        tl.store(stats_row + 1, logz_s)
-        tl.store(stats_row + 2, m_t)
-        tl.store(stats_row + 3, logz_t)
-        tl.store(stats_row + 4, rkl)
-        tl.store(stats_row + 5, p_c)
-        tl.store(stats_row + 6, q_c)
-        tl.store(stats_row + 7, w_f)
-        tl.store(stats_row + 8, w_r)
-        tl.store(stats_row + 9, h_sum)
-        tl.store(stats_row + 10, m_s * t_scale)
-        tl.store(stats_row + 11, logz_1)
+        tl.store(stats_row + stat.M_S, m_s)
+        tl.store(stats_row + stat.LOGZ_S, logz_s)
+        tl.store(stats_row + stat.M_T, m_t)
+        tl.store(stats_row + stat.LOGZ_T, logz_t)
+        tl.store(stats_row + stat.M_1, m_s * t_scale)
+        tl.store(stats_row + stat.LOGZ_1, logz_1)
+        tl.store(stats_row + stat.RKL, rkl)
+        tl.store(stats_row + stat.P_C, p_c)
+        tl.store(stats_row + stat.Q_C, q_c)
+        tl.store(stats_row + stat.W_F, w_f)
+        tl.store(stats_row + stat.W_R, w_r)
+        tl.store(stats_row + stat.H_SUM, h_sum)
+        tl.store(stats_row + stat.Q_ABOVE, q_above)
+        tl.store(stats_row + stat.Q_BELOW, q_below)
+        tl.store(stats_row + stat.Q_REST, q_rest)
     else:
         tl.store(loss_ptr + row, 0.0)
-        for col in tl.static_range(N_STATS):
+        for col in tl.static_range(stat.N_STATS):
             tl.store(stats_row + col, 0.0)
 
 
 def pointwise_args(cfg) -> tuple:
-    """(code, param, log w_p, log w_q) of the kernels' pointwise arguments for ``cfg``."""
+    """(code, param, log w_p, log w_q, a0) of the kernels' pointwise arguments for ``cfg``
+    (a0 from the one definition both backends use: backends/torch/pointwise.py)."""
     weight_p = {"jsd": cfg.param, "skew_fkl": cfg.param, "skew_rkl": 1.0 - cfg.param}.get(
         cfg.kind, 0.5)
     log = lambda w: math.log(w) if w > 0 else float("-inf")  # noqa: E731
-    return cfg.pointwise_code, cfg.param, log(weight_p), log(1.0 - weight_p)
+    tail = tail_value(cfg.kind, cfg.param) if cfg.pointwise_code else 0.0
+    return cfg.pointwise_code, cfg.param, log(weight_p), log(1.0 - weight_p), tail
 
 
 def search_span(vocab: int, mu: float) -> float:
@@ -139,20 +162,21 @@ def search_span(vocab: int, mu: float) -> float:
     return math.log(vocab / (1.0 - mu)) + 2.0 if mu < 1.0 else 0.0
 
 
-def forward(s2d, t2d, valid, cfg, with_head_stats, labels=None) -> RowResult:
+def forward(s2d, t2d, valid, cfg, *, labels=None, head_stats=False) -> RowResult:
     n_rows, vocab = s2d.shape
     device = s2d.device
     loss = torch.empty(n_rows, dtype=torch.float32, device=device)
     stats = torch.empty(n_rows, N_ROW_STATS, dtype=torch.float32, device=device)
     head_split = cfg.needs_head_split
     # Zero-filled: ignored rows are never written by the kernel.
-    head = torch.zeros(n_rows if head_split else 1, 4, dtype=torch.float32, device=device)
+    head = torch.zeros(n_rows if head_split else 1, _N_HEAD.value, dtype=torch.float32,
+                       device=device)
     count = torch.zeros(n_rows if head_split else 1, dtype=torch.int32, device=device)
     parts = torch.zeros(n_rows if cfg.with_ce else 1, 2, dtype=torch.float32, device=device)
     if labels is None:  # never read without WITH_CE; int64 keeps one compiled signature
         labels = torch.zeros(1, dtype=torch.int64, device=device)
     if n_rows > 0:
-        launch = heuristics.forward_launch(vocab, head_split)
+        settings = launch.forward_launch(vocab, head_split)
         _divergence_forward_kernel[(n_rows,)](
             s2d,
             t2d,
@@ -177,16 +201,15 @@ def forward(s2d, t2d, valid, cfg, with_head_stats, labels=None) -> RowResult:
             HEAD_SPLIT=head_split,
             POINTWISE=cfg.pointwise_code != 0,
             WITH_CE=cfg.with_ce,
-            N_STATS=N_ROW_STATS,
-            **launch,
+            **settings,
         )
     head_rows = None
-    if with_head_stats and head_split:
-        head_rows = HeadRows(
-            head[:, _HEAD_GAP],
-            head[:, _TAIL_GAP],
-            head[:, _HEAD_WEIGHT],
+    if head_stats and head_split:
+        head_rows = HeadTailStats(
+            head[:, _HEAD_GAP.value],
+            head[:, _TAIL_GAP.value],
+            head[:, _HEAD_WEIGHT.value],
             count.to(torch.int64),
-            head[:, _HEAD_MASS],
+            head[:, _HEAD_MASS.value],
         )
     return RowResult(loss, stats, head_rows, parts if cfg.with_ce else None)

@@ -1,51 +1,46 @@
-"""The exact chunked PyTorch backend (``backend="torch"``): any device, any dtype.
+"""The exact chunked PyTorch backend (``backend="torch"``): any device, any float dtype.
 
 Rows are processed in chunks whose float32 working set stays under ``working_set_bytes()``
-(128 MiB by default, within the SPEC's 256 MiB; ``AKL_TORCH_WORKING_SET_MB`` overrides it),
-so no ``N x V`` float32 temporary ever exists. Forward keeps ten numbers per row; backward
-recomputes the two softmaxes chunk by chunk from them and writes the gradient in the
+(128 MiB by default, within the contract's 256 MiB; ``AKL_TORCH_WORKING_SET_MB`` overrides it),
+so no ``N x V`` float32 temporary ever exists. Forward keeps ``N_ROW_STATS`` numbers per row;
+backward recomputes the two softmaxes chunk by chunk from them and writes the gradient in the
 student's dtype. Rows whose logits are all finite take a mask-free path; the path is chosen
-per row, so no row's result depends on its neighbours. (On CUDA this fallback syncs the host
-once per chunk to choose paths and size the head-split candidates.)
+per row, and every operation is elementwise or a reduction along a row, so no row's result
+depends on its neighbours or on the chunk size (docs/contract.md §4). (On CUDA this
+fallback syncs the host once per chunk to choose paths and size the head-split candidates.)
 """
 
 from __future__ import annotations
 
-import os
 from typing import NamedTuple
 
 import torch
 
-from akl_kernels import head_split, pointwise
-from akl_kernels._validation import POINTWISE
-from akl_kernels.autograd import (
-    H_SUM,
-    LOGZ_1,
-    LOGZ_S,
-    LOGZ_T,
-    M_1,
-    M_S,
-    M_T,
+from akl_kernels.backends.torch import head_split, pointwise
+from akl_kernels.backends.torch.reductions import log_sum_exp, row_sum
+from akl_kernels.config import POINTWISE
+from akl_kernels.row_results import (
     N_ROW_STATS,
-    P_C,
-    Q_C,
-    RKL,
-    W_F,
-    W_R,
-    HeadRows,
+    HeadTailStats,
     RowResult,
     loss_dtype,
+    mix_terms,
 )
+from akl_kernels.row_results import RowStat as S
+from akl_kernels.validation import environment_megabytes
 
 DEFAULT_WORKING_SET_MB = 128
 # Live [rows, V] temporaries per chunk in units of the compute dtype; AKL's matches the peak
 # measured by akl-bench (639 MiB = 500 MiB gradient + ~140 MiB at 128 MiB).
 _LIVE_TEMPORARIES = {"fkl": 10, "rkl": 10, "mixed_kl": 10, "akl": 18,
                      **dict.fromkeys(POINTWISE, 16)}
+# The columns of a row whose divergence is NaN that its gradient reads: NaN there makes the
+# gradient row NaN too, for every divergence (loss and gradient agree about a row).
+_DIVERGENCE_GRADIENT_COLUMNS = (S.RKL, S.H_SUM, S.Q_ABOVE, S.Q_BELOW, S.Q_REST)
 
 
 def working_set_bytes() -> int:
-    return int(float(os.environ.get("AKL_TORCH_WORKING_SET_MB", DEFAULT_WORKING_SET_MB)) * 2**20)
+    return int(environment_megabytes("AKL_TORCH_WORKING_SET_MB", DEFAULT_WORKING_SET_MB) * 2**20)
 
 
 def chunk_rows(vocab: int, dtype: torch.dtype, kind: str) -> int:
@@ -80,7 +75,7 @@ def _row_groups(zs, zt):
 
 
 class _Terms(NamedTuple):
-    m_s: torch.Tensor  # row maxima and log-normalisers of the shifted logits (autograd.py)
+    m_s: torch.Tensor  # row maxima and log-normalisers of the shifted logits (RowStat)
     logz_s: torch.Tensor
     m_t: torch.Tensor
     logz_t: torch.Tensor
@@ -90,7 +85,7 @@ class _Terms(NamedTuple):
     q_c: torch.Tensor
     p: torch.Tensor  # teacher probabilities
     q: torch.Tensor  # student probabilities
-    poisoned: torch.Tensor | None  # rows holding NaN or +inf
+    broken: torch.Tensor | None  # rows whose divergence is NaN (_broken_rows)
 
 
 def _log_softmax_parts(z):
@@ -102,7 +97,7 @@ def _log_softmax_parts(z):
     m = z.amax(dim=1, keepdim=True)
     m = torch.where(torch.isfinite(m), m, 0.0)
     shifted = z.sub_(m)
-    logz = torch.logsumexp(shifted, dim=1)
+    logz = log_sum_exp(shifted)
     return shifted.sub_(logz[:, None]), m[:, 0], logz
 
 
@@ -117,14 +112,14 @@ def _finite_terms(zs, zt, keep_zt):
     log_p, m_t, logz_t = _log_softmax_parts(zt.clone() if keep_zt else zt)
     p, q = log_p.exp(), log_q.exp()
     log_ratio = log_p.sub_(log_q)  # log p - log q
-    fkl = (p * log_ratio).sum(dim=1)
-    rkl = -(q * log_ratio).sum(dim=1)
+    fkl = row_sum(p * log_ratio)
+    rkl = -row_sum(q * log_ratio)
     ones = torch.ones_like(fkl)
     return _Terms(m_s, logz_s, m_t, logz_t, fkl, rkl, ones, ones, p, q, None)
 
 
 def _masked_terms(zs, zt, keep_zt):
-    """The general case: -inf positions leave C (SPEC 2), NaN and +inf poison their row."""
+    """The general case: -inf positions leave C (docs/contract.md §2)."""
     contributing = _contributing(zs, zt)
     poisoned = _poisoned(zs) | _poisoned(zt)
     log_q, m_s, logz_s = _log_softmax_parts(zs)
@@ -133,15 +128,16 @@ def _masked_terms(zs, zt, keep_zt):
     log_ratio = torch.where(contributing, log_p - log_q, 0.0)  # log p - log q on C
     # 1 - (mass outside C): exactly 1 when every position contributes (as in the kernels),
     # so identical models get an exactly zero gradient.
-    p_c = 1.0 - torch.where(contributing, 0.0, p).sum(dim=1) / p.sum(dim=1)
-    q_c = 1.0 - torch.where(contributing, 0.0, q).sum(dim=1) / q.sum(dim=1)
-    fkl = (p * log_ratio).sum(dim=1)
-    rkl = -(q * log_ratio).sum(dim=1)
-    return _Terms(m_s, logz_s, m_t, logz_t, fkl, rkl, p_c, q_c, p, q, poisoned)
+    p_c = 1.0 - row_sum(torch.where(contributing, 0.0, p)) / row_sum(p)
+    q_c = 1.0 - row_sum(torch.where(contributing, 0.0, q)) / row_sum(q)
+    fkl = row_sum(p * log_ratio)
+    rkl = -row_sum(q * log_ratio)
+    return _Terms(m_s, logz_s, m_t, logz_t, fkl, rkl, p_c, q_c, p, q,
+                  _broken_rows(poisoned, logz_s, logz_t))
 
 
 def _contributing(zs, zt):
-    # C: both logits differ from -inf (NaN and +inf stay in and poison the row, SPEC 2).
+    # C: both logits differ from -inf (NaN and +inf stay in and poison the row).
     return (zs != float("-inf")) & (zt != float("-inf"))
 
 
@@ -149,34 +145,40 @@ def _poisoned(z):
     return (torch.isnan(z) | (z == float("inf"))).any(dim=1)
 
 
+def _broken_rows(poisoned, logz_s, logz_t):
+    """Rows whose divergence is NaN: a NaN or +inf logit, or a model whose logits are all -inf
+    (its log-normaliser is -inf)."""
+    return poisoned | torch.isneginf(logz_s) | torch.isneginf(logz_t)
+
+
 def _head_weights(zt, p, q, cfg):
     head = head_split.head_mask(zt, p, cfg.mu, cfg.include_crossing)
     err = (p - q).abs_()
-    total = err.sum(dim=1)
-    head_gap = err.masked_fill_(~head, 0.0).sum(dim=1)
+    total = row_sum(err)
+    head_gap = row_sum(err.masked_fill_(~head, 0.0))
     head_weight = torch.where(total > 0, head_gap / torch.where(total > 0, total, 1.0), 0.5)
-    head_mass = p.masked_fill(~head, 0.0).sum(dim=1)
-    return HeadRows(head_gap, total - head_gap, head_weight, head.sum(dim=1), head_mass)
+    head_mass = row_sum(p.masked_fill(~head, 0.0))
+    return HeadTailStats(head_gap, total - head_gap, head_weight, head.sum(dim=1), head_mass)
 
 
 def _pointwise_rows(zs, zt, finite, cfg):
-    """The pointwise family: D = sum_C f and H_SUM = sum_C h per row (consumes zs, zt)."""
+    """The pointwise family: D = sum_C f and its gradient's sums per row (consumes zs, zt)."""
     contributing = None if finite else _contributing(zs, zt)
     poisoned = None if finite else _poisoned(zs) | _poisoned(zt)
     log_q, m_s, logz_s = _log_softmax_parts(zs)
     log_p, m_t, logz_t = _log_softmax_parts(zt)
-    f, h = pointwise.terms(cfg.kind, log_p, log_q, cfg.param)
-    if contributing is not None:
-        f, h = torch.where(contributing, f, 0.0), torch.where(contributing, h, 0.0)
-    rows = f.sum(dim=1)
-    if poisoned is not None:
-        rows = torch.where(poisoned, float("nan"), rows)
-    columns = {M_S: m_s, LOGZ_S: logz_s, M_T: m_t, LOGZ_T: logz_t, H_SUM: h.sum(dim=1)}
-    return rows, columns, None
+    f, e = pointwise.row_terms(cfg.kind, log_p, log_q, cfg.param, contributing)
+    columns = {S.M_S: m_s, S.LOGZ_S: logz_s, S.M_T: m_t, S.LOGZ_T: logz_t, S.H_SUM: row_sum(e)}
+    if cfg.kind == "tvd":
+        columns.update(zip((S.Q_ABOVE, S.Q_BELOW, S.Q_REST),
+                           pointwise.tvd_masses(log_p, log_q, contributing), strict=True))
+    broken = None if finite else _broken_rows(poisoned, logz_s, logz_t)
+    return row_sum(f), columns, None, broken
 
 
 def _row_results(zs, zt, finite, cfg):
-    """Per-row loss, statistics columns and AKL split of a block of rows (consumes zs, zt)."""
+    """Per-row loss, statistics columns, AKL split and broken rows (None: none) of a block of
+    rows (consumes zs, zt)."""
     if cfg.kind in POINTWISE:
         return _pointwise_rows(zs, zt, finite, cfg)
     row_terms = _finite_terms if finite else _masked_terms
@@ -188,48 +190,51 @@ def _row_results(zs, zt, finite, cfg):
     else:
         w_f = torch.full_like(terms.fkl, cfg.fkl_weight)
     rows = w_f * terms.fkl + (1.0 - w_f) * terms.rkl
-    if terms.poisoned is not None:
-        rows = torch.where(terms.poisoned, float("nan"), rows)
-    columns = {M_S: terms.m_s, LOGZ_S: terms.logz_s, M_T: terms.m_t, LOGZ_T: terms.logz_t,
-               RKL: terms.rkl, P_C: terms.p_c, Q_C: terms.q_c, W_F: w_f, W_R: 1.0 - w_f}
-    return rows, columns, head
+    columns = {S.M_S: terms.m_s, S.LOGZ_S: terms.logz_s, S.M_T: terms.m_t,
+               S.LOGZ_T: terms.logz_t, S.RKL: terms.rkl, S.P_C: terms.p_c, S.Q_C: terms.q_c,
+               S.W_F: w_f, S.W_R: 1.0 - w_f}
+    return rows, columns, head, terms.broken
 
 
 def _cross_entropy(s1, labels):
     """Per-row CE of unscaled student logits s1 (a fresh copy), and its (M_1, LOGZ_1)."""
     m1 = s1.amax(dim=1)
     m1 = torch.where(torch.isfinite(m1), m1, 0.0)
-    logz1 = torch.logsumexp(s1 - m1[:, None], dim=1)
+    logz1 = log_sum_exp(s1 - m1[:, None])
     target = s1.gather(1, labels.clamp(0, s1.shape[1] - 1)[:, None])[:, 0]
     return (m1 - target) + logz1, m1, logz1
 
 
-def forward(s2d, t2d, valid, cfg, with_head_stats, labels=None):
+def forward(s2d, t2d, valid, cfg, *, labels=None, head_stats=False):
     n_rows, vocab = s2d.shape
     dtype = loss_dtype(s2d, t2d)
     inv_t = 1.0 / cfg.temperature
     loss = torch.zeros(n_rows, dtype=dtype, device=s2d.device)
     stats = torch.zeros(n_rows, N_ROW_STATS, dtype=dtype, device=s2d.device)
     parts = torch.zeros(n_rows, 2, dtype=dtype, device=s2d.device) if cfg.with_ce else None
-    head_rows = _empty_head_rows(n_rows, dtype, s2d.device) if with_head_stats else None
+    head_rows = (_empty_head_rows(n_rows, dtype, s2d.device)
+                 if head_stats and cfg.needs_head_split else None)
     for r0, r1 in _chunks(n_rows, chunk_rows(vocab, dtype, cfg.kind)):
         zs = _scaled(s2d[r0:r1], dtype, inv_t)
         zt = _scaled(t2d[r0:r1], dtype, inv_t)
         for rows, finite in _row_groups(zs, zt):
-            loss_rows, columns, head = _row_results(zs[rows], zt[rows], finite, cfg)
+            loss_rows, columns, head, broken = _row_results(zs[rows], zt[rows], finite, cfg)
+            if broken is not None:
+                loss_rows = torch.where(broken, float("nan"), loss_rows)
+                for column in _DIVERGENCE_GRADIENT_COLUMNS:
+                    columns[column] = torch.where(broken, float("nan"),
+                                                  columns.get(column, 0.0))
             out = torch.arange(r0, r1, device=s2d.device)[rows]
             row_valid = valid[out]
             if parts is not None:
-                ce, columns[M_1], columns[LOGZ_1] = _cross_entropy(
+                ce, columns[S.M_1], columns[S.LOGZ_1] = _cross_entropy(
                     s2d[r0:r1][rows].to(dtype, copy=True), labels[out])
                 parts[out] = torch.where(row_valid[:, None], torch.stack([loss_rows, ce], 1), 0.0)
-                loss_rows = cfg.kd_ratio * loss_rows + (1.0 - cfg.kd_ratio) * ce
+                loss_rows = mix_terms(loss_rows, ce, cfg.kd_ratio)
             loss[out] = torch.where(row_valid, loss_rows, 0.0)
             zeros = torch.zeros_like(loss_rows)
-            for column in (W_F, W_R, H_SUM):  # ignored rows get no gradient
-                columns[column] = torch.where(row_valid, columns.get(column, zeros), 0.0)
-            stats[out] = torch.stack([columns.get(k, zeros) for k in range(N_ROW_STATS)], dim=1)
-            if head_rows is not None and head is not None:
+            stats[out] = torch.stack([columns.get(k, zeros) for k in S], dim=1)
+            if head_rows is not None:
                 for target, values in zip(head_rows, head, strict=True):
                     target[out] = values.to(target.dtype)
     return RowResult(loss, stats, head_rows, parts)
@@ -238,7 +243,11 @@ def forward(s2d, t2d, valid, cfg, with_head_stats, labels=None):
 def _empty_head_rows(n_rows, dtype, device):
     zeros = lambda: torch.zeros(n_rows, dtype=dtype, device=device)  # noqa: E731
     count = torch.zeros(n_rows, dtype=torch.int64, device=device)
-    return HeadRows(zeros(), zeros(), zeros(), count, zeros())
+    return HeadTailStats(zeros(), zeros(), zeros(), count, zeros())
+
+
+def _column(st, stat):
+    return st[:, stat, None]
 
 
 def _finite_grad(zs, zt, st, coef):
@@ -246,40 +255,45 @@ def _finite_grad(zs, zt, st, coef):
 
     = coef * (q * (w_f P_C + w_r (log q - log p + 1 - RKL - Q_C)) - w_f p), built in place.
     """
-    col = lambda k: st[:, k, None]  # noqa: E731
-    log_q = zs.sub_(col(M_S)).sub_(col(LOGZ_S))
-    log_p = zt.sub_(col(M_T)).sub_(col(LOGZ_T))
+    col = lambda stat: _column(st, stat)  # noqa: E731
+    log_q = zs.sub_(col(S.M_S)).sub_(col(S.LOGZ_S))
+    log_p = zt.sub_(col(S.M_T)).sub_(col(S.LOGZ_T))
     g = log_q - log_p
-    g.add_(1.0 - col(RKL) - col(Q_C)).mul_(col(W_R)).add_(col(W_F) * col(P_C))
+    g.add_(1.0 - col(S.RKL) - col(S.Q_C)).mul_(col(S.W_R)).add_(col(S.W_F) * col(S.P_C))
     g.mul_(log_q.exp_())
-    g.addcmul_(log_p.exp_(), col(W_F), value=-1.0)
+    g.addcmul_(log_p.exp_(), col(S.W_F), value=-1.0)
     return g.mul_(coef[:, None])
 
 
 def _masked_grad(zs, zt, st, coef):
-    col = lambda k: st[:, k, None]  # noqa: E731
+    col = lambda stat: _column(st, stat)  # noqa: E731
     contributing = _contributing(zs, zt)
-    log_q = zs.sub_(col(M_S)).sub_(col(LOGZ_S))
-    log_p = zt.sub_(col(M_T)).sub_(col(LOGZ_T))
+    log_q = zs.sub_(col(S.M_S)).sub_(col(S.LOGZ_S))
+    log_p = zt.sub_(col(S.M_T)).sub_(col(S.LOGZ_T))
     q, p = log_q.exp(), log_p.exp()
-    # SPEC 2: dFKL = q P_C - p [C]; dRKL = [C] q (log q - log p + 1) - q (RKL + Q_C)
-    d_fkl = q * col(P_C) - torch.where(contributing, p, 0.0)
+    # docs/contract.md §2: dFKL = q P_C - p [C]; dRKL = [C] q (log q - log p + 1)
+    # - q (RKL + Q_C)
+    d_fkl = q * col(S.P_C) - torch.where(contributing, p, 0.0)
     d_rkl = torch.where(contributing, q * (log_q - log_p + 1.0), 0.0)
-    d_rkl -= q * (col(RKL) + col(Q_C))
-    g = coef[:, None] * (col(W_F) * d_fkl + col(W_R) * d_rkl)
+    d_rkl -= q * (col(S.RKL) + col(S.Q_C))
+    g = coef[:, None] * (col(S.W_F) * d_fkl + col(S.W_R) * d_rkl)
     return torch.where(coef[:, None] != 0, g, 0.0)
 
 
 def _pointwise_grad(zs, zt, st, coef, cfg, finite):
-    """coef * ([C] h - q H_SUM): the pointwise family's gradient. Consumes zs and zt."""
-    col = lambda k: st[:, k, None]  # noqa: E731
+    """coef * (e - q H_SUM): the pointwise family's gradient (pointwise.row_terms; TVD's from
+    its masses). Consumes zs and zt."""
+    col = lambda stat: _column(st, stat)  # noqa: E731
     contributing = None if finite else _contributing(zs, zt)
-    log_q = zs.sub_(col(M_S)).sub_(col(LOGZ_S))
-    log_p = zt.sub_(col(M_T)).sub_(col(LOGZ_T))
-    _, h = pointwise.terms(cfg.kind, log_p, log_q, cfg.param)
-    if contributing is not None:
-        h = torch.where(contributing, h, 0.0)
-    g = h.sub_(log_q.exp() * col(H_SUM)).mul_(coef[:, None])
+    log_q = zs.sub_(col(S.M_S)).sub_(col(S.LOGZ_S))
+    log_p = zt.sub_(col(S.M_T)).sub_(col(S.LOGZ_T))
+    if cfg.kind == "tvd":
+        g = pointwise.tvd_grad(log_p, log_q, contributing,
+                               *(col(k) for k in (S.Q_ABOVE, S.Q_BELOW, S.Q_REST)))
+    else:
+        _, e = pointwise.row_terms(cfg.kind, log_p, log_q, cfg.param, contributing)
+        g = e.sub_(log_q.exp() * col(S.H_SUM))
+    g = g.mul_(coef[:, None])
     return g if finite else torch.where(coef[:, None] != 0, g, 0.0)
 
 
@@ -288,34 +302,41 @@ def _add_cross_entropy_grad(g, s1, st, labels, coef):
 
     A label outside [0, V) has no one-hot entry here: the fused linear path passes a block of
     the vocabulary with the labels shifted by the block's start."""
-    q1 = s1.sub_(st[:, M_1, None]).sub_(st[:, LOGZ_1, None]).exp_()
+    q1 = s1.sub_(st[:, S.M_1, None]).sub_(st[:, S.LOGZ_1, None]).exp_()
     in_block = (labels >= 0) & (labels < s1.shape[1])
     q1.scatter_add_(1, labels.clamp(0, s1.shape[1] - 1)[:, None],
                     -in_block[:, None].to(q1.dtype))
     return torch.where(coef[:, None] != 0, g + coef[:, None] * q1, g)
 
 
-def backward(s2d, t2d, row_stats, coef, cfg, labels=None, grad_dtype=None):
+def _divergence_grad(zs, zt, st, coef, cfg, finite):
+    if cfg.kind in POINTWISE:
+        return _pointwise_grad(zs, zt, st, coef, cfg, finite)
+    return (_finite_grad if finite else _masked_grad)(zs, zt, st, coef)
+
+
+def backward(s2d, t2d, row_stats, coef, cfg, *, labels=None, grad_dtype=None):
     n_rows, vocab = s2d.shape
     dtype = row_stats.dtype
     inv_t = 1.0 / cfg.temperature
     grad = torch.empty((n_rows, vocab), dtype=grad_dtype or s2d.dtype, device=s2d.device)
     kind = cfg.kind if cfg.kind in POINTWISE else "fkl"
-    divergence_coef = coef * (cfg.kd_ratio * inv_t)  # d zs / d s = 1/T
+    # A term of weight 0 is not evaluated (its NaN must not reach the gradient).
+    with_divergence, with_ce = cfg.divergence_weight != 0, cfg.cross_entropy_weight != 0
+    divergence_coef = coef * (cfg.divergence_weight * inv_t)  # d zs / d s = 1/T
     for r0, r1 in _chunks(n_rows, chunk_rows(vocab, dtype, kind)):
         zs = _scaled(s2d[r0:r1], dtype, inv_t)
         zt = _scaled(t2d[r0:r1], dtype, inv_t)
         st, row_coef = row_stats[r0:r1], divergence_coef[r0:r1]
         for rows, finite in _row_groups(zs, zt):
-            if cfg.kind in POINTWISE:
-                g = _pointwise_grad(zs[rows], zt[rows], st[rows], row_coef[rows], cfg, finite)
+            if with_divergence:
+                g = _divergence_grad(zs[rows], zt[rows], st[rows], row_coef[rows], cfg, finite)
             else:
-                grad_rows = _finite_grad if finite else _masked_grad
-                g = grad_rows(zs[rows], zt[rows], st[rows], row_coef[rows])
-            if cfg.with_ce:
+                g = torch.zeros_like(zs[rows])
+            if with_ce:
                 out = torch.arange(r0, r1, device=s2d.device)[rows]
                 g = _add_cross_entropy_grad(g, s2d[r0:r1][rows].to(dtype, copy=True), st[rows],
-                                            labels[out], coef[out] * (1.0 - cfg.kd_ratio))
+                                            labels[out], coef[out] * cfg.cross_entropy_weight)
             if isinstance(rows, slice):
                 grad[r0:r1] = g
             else:

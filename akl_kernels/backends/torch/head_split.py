@@ -1,7 +1,8 @@
 """Sort-free, exact AKL head/tail split for the chunked PyTorch backend.
 
 The head of a row is every token with ``p > u*`` plus the lowest-index tokens with ``p == u*``,
-where ``u*`` is the value of the token whose cumulative mass first exceeds ``mu`` (SPEC 2). A
+where ``u*`` is the value of the token whose cumulative mass first exceeds ``mu``
+(docs/contract.md §2). A
 full sort finds it in O(V log V) per row; here one weighted histogram over the distance to the
 row maximum finds the bin holding ``u*``, and only that bin's candidates (a few dozen tokens
 for real distributions) are sorted. Masses are summed in float64.
@@ -17,6 +18,8 @@ from __future__ import annotations
 import math
 
 import torch
+
+from akl_kernels.backends.torch.reductions import row_sum
 
 HISTOGRAM_BINS = 2048
 
@@ -44,16 +47,16 @@ def _crossing_value(zt, p, thr, mu):
     cum_c = mass_above[:, None] + cand_p.cumsum(dim=1)
     j = (cum_c <= thr[:, None]).sum(dim=1).clamp_(max=k - 1)[:, None]
     u_star = values.gather(1, j).squeeze(1)
-    mass_gt = mass_above + torch.where(values > u_star[:, None], cand_p, 0.0).sum(dim=1)
+    mass_gt = mass_above + row_sum(torch.where(values > u_star[:, None], cand_p, 0.0))
     return u_star, mass_gt, cand_p.gather(1, j).squeeze(1), z_max.squeeze(1)
 
 
 def head_mask(zt: torch.Tensor, p: torch.Tensor, mu: float, include_crossing: bool):
     """Boolean head mask of ``zt`` ([R, V] scaled teacher logits, ``p`` their softmax)."""
-    rows, vocab = zt.shape
+    vocab = zt.shape[1]
     if mu >= 1.0:  # c_k <= 1 for every k: the whole vocabulary is head
         return torch.ones_like(zt, dtype=torch.bool)
-    thr = mu * p.sum(dim=1, dtype=torch.float64)
+    thr = mu * row_sum(p, dtype=torch.float64)
     u_star, mass_gt, p_star, z_max = _crossing_value(zt, p, thr, mu)
     # Tokens tied at u* enter in index order while the cumulative mass stays <= thr.
     n_ties = torch.floor((thr - mass_gt) / p_star).nan_to_num(0.0).clamp_(0, vocab).long()

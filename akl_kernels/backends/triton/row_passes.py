@@ -9,8 +9,10 @@ A program owns one row and sweeps it in ``BLOCK``-wide chunks; each helper below
 - ``head_gaps``: ``sum |p - q|`` on the head and the tail (reads s and t once);
 - ``pointwise_sums``: ``sum_C f(p, q)`` and ``sum_C q df/dq`` of a pointwise divergence (JSD,
   skew KL, TVD; reads s and t once) with ``pointwise_terms``, the twin of
-  ``akl_kernels/pointwise.py``;
-- ``load_scaled``: one chunk of logits as float32 divided by T (-inf past the row's end).
+  ``backends/torch/pointwise.py``, and TVD's masses (``tvd_grad``);
+- ``load_scaled``: one chunk of logits as float32 divided by T (-inf past the row's end), and
+  ``load_log_probs`` both models' log-probabilities of a chunk once the normalisers are known
+  (the gap, pointwise and gradient passes).
 
 See docs/kernels.md for the bytes each pass moves.
 """
@@ -27,8 +29,18 @@ def load_scaled(row_ptr, offs, V, inv_t):
 
 
 @triton.jit
+def load_log_probs(s_row, t_row, offs, V, inv_t, m_s, logz_s, m_t, logz_t):
+    """One chunk of both rows once the statistics pass has the normalisers: (log q, log p,
+    contributing, zs, zt), the scaled logits being -inf past the row's end."""
+    zs = load_scaled(s_row, offs, V, inv_t)
+    zt = load_scaled(t_row, offs, V, inv_t)
+    contributing = (zs != float("-inf")) & (zt != float("-inf"))
+    return (zs - m_s) - logz_s, (zt - m_t) - logz_t, contributing, zs, zt
+
+
+@triton.jit
 def _poisoned(z):
-    return (z != z) | (z == float("inf"))
+    return (z != z) | (z == float("inf"))  # noqa: PLR0124 (z != z: NaN)
 
 
 @triton.jit
@@ -199,10 +211,10 @@ def head_gaps(
     for start in range(0, V, BLOCK):
         offs = start + tl.arange(0, BLOCK)
         in_row = offs < V
-        zs = load_scaled(s_row, offs, V, inv_t)
-        zt = load_scaled(t_row, offs, V, inv_t)
-        p = tl.exp((zt - m_t) - logz_t)
-        err = tl.abs(p - tl.exp((zs - m_s) - logz_s))
+        log_q, log_p, _, _, zt = load_log_probs(s_row, t_row, offs, V, inv_t, m_s, logz_s, m_t,
+                                                logz_t)
+        p = tl.exp(log_p)
+        err = tl.abs(p - tl.exp(log_q))
         tie = (zt == u_star) & in_row
         tie_i = tie.to(tl.int32)
         block_ties = tl.sum(tie_i)
@@ -226,50 +238,95 @@ def _log_add_exp(a, b):
 
 
 @triton.jit
+def _log1p(u):
+    """log(1 + u) for u >= 0, exact to rounding where u is tiny (Goldberg's correction)."""
+    w = 1.0 + u
+    return tl.where(w == 1.0, u, tl.log(w) * (u / (w - 1.0)))
+
+
+@triton.jit
+def _softplus(y):
+    return tl.maximum(y, 0.0) + _log1p(tl.exp(-tl.abs(y)))
+
+
+@triton.jit
+def _sigmoid(y):
+    e = tl.exp(-tl.abs(y))
+    return tl.where(y >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+
+
+@triton.jit
 def pointwise_terms(kind, log_p, log_q, param, log_wp, log_wq):
-    """(f, h = q df/dq) per position of pointwise divergence ``kind`` (1 + its index in
-    akl_kernels._validation.POINTWISE), from log-probabilities only: where both are below -104
+    """(f, h = q (df/dq - a0)) per position of pointwise divergence ``kind`` (1 + its index in
+    akl_kernels.config.POINTWISE), from log-probabilities only: where both are below -104
     the terms are exactly 0. The mixture m = w_p p + w_q q comes in as log w_p, log w_q (-inf
-    for a zero weight). Formulas: akl_kernels/pointwise.py."""
+    for a zero weight); a0 is df/dq where p = 0. Formulas: backends/torch/pointwise.py."""
     q = tl.exp(log_q)
     f = tl.zeros_like(q)
     h = tl.zeros_like(q)
     if kind == 1:  # JSD(beta): beta KL(p || m) + (1 - beta) KL(q || m)
         log_m = _log_add_exp(log_p + log_wp, log_q + log_wq)
-        q_part = q * (log_q - log_m)
-        f = param * tl.exp(log_p) * (log_p - log_m) + (1.0 - param) * q_part
-        h = (1.0 - param) * q_part
-    elif kind == 2:  # skew FKL: KL(p || lam p + (1 - lam) q)
+        f = param * tl.exp(log_p) * (log_p - log_m) + (1.0 - param) * q * (log_q - log_m)
+        h = -(1.0 - param) * q * _softplus(log_p - log_q + (log_wp - log_wq))
+    elif kind == 2:  # skew FKL: KL(p || lam p + (1 - lam) q), a0 = 0
         log_m = _log_add_exp(log_p + log_wp, log_q + log_wq)
         f = tl.exp(log_p) * (log_p - log_m)
         h = -(1.0 - param) * tl.exp(log_p + log_q - log_m)
     elif kind == 3:  # skew RKL: KL(q || (1 - lam) p + lam q)
         log_m = _log_add_exp(log_p + log_wp, log_q + log_wq)
         f = q * (log_q - log_m)
-        h = f + q - param * tl.exp(2.0 * log_q - log_m)
-    else:  # TVD: 0.5 |p - q|
-        diff = q - tl.exp(log_p)
-        f = 0.5 * tl.abs(diff)
-        h = tl.where(diff > 0, 0.5 * q, tl.where(diff < 0, -0.5 * q, 0.0))
+        ratio = log_p - log_q + (log_wp - log_wq)
+        h = q * (_sigmoid(ratio) - _softplus(ratio))
+    else:  # TVD: 0.5 |p - q| (its gradient: tvd_grad)
+        f = 0.5 * tl.abs(q - tl.exp(log_p))
+        h = tl.where(log_q > log_p, 0.5 * q, tl.where(log_q < log_p, -0.5 * q, 0.0))
     return f, h
 
 
 @triton.jit
+def tvd_grad(log_p, log_q, contributing, q_above, q_below, q_rest):
+    """d TVD / d zs = 0.5 q ([C] sign - Q_above + Q_below) with the bracket formed from masses
+    summed apart, so that it does not cancel (backends/torch/pointwise.py: tvd_grad)."""
+    above = (log_q > log_p) & contributing
+    below = (log_q < log_p) & contributing
+    bracket = tl.where(above, 2.0 * q_below + q_rest,
+                       tl.where(below, -(2.0 * q_above + q_rest), q_below - q_above))
+    return 0.5 * tl.exp(log_q) * bracket
+
+
+@triton.jit
+def mix_terms(divergence, cross_entropy, kd_ratio):
+    """kd_ratio * divergence + (1 - kd_ratio) * cross_entropy, a term of weight exactly 0 not
+    evaluated (its NaN or inf never reaches the result)."""
+    mixed = kd_ratio * divergence + (1.0 - kd_ratio) * cross_entropy
+    return tl.where(kd_ratio == 1.0, divergence, tl.where(kd_ratio == 0.0, cross_entropy, mixed))
+
+
+@triton.jit
 def pointwise_sums(
-    s_row, t_row, V, inv_t, m_s, logz_s, m_t, logz_t, kind, param, log_wp, log_wq,
+    s_row, t_row, V, inv_t, m_s, logz_s, m_t, logz_t, kind, param, log_wp, log_wq, tail,
     BLOCK: tl.constexpr,
 ):
-    """(sum_C f, sum_C h) of pointwise divergence ``kind`` over one row."""
+    """(sum_C f, H_SUM, Q_above, Q_below, Q_rest) of pointwise divergence ``kind`` over one
+    row: H_SUM sums h on C and -a0 q outside it (a0 = ``tail``), the gradient's bracket; the
+    last three are the student's masses where q > p, where q < p (both inside C) and
+    elsewhere, for TVD's gradient."""
     f_sum = tl.zeros([BLOCK], tl.float32)
     h_sum = tl.zeros([BLOCK], tl.float32)
+    q_above = tl.zeros([BLOCK], tl.float32)
+    q_below = tl.zeros([BLOCK], tl.float32)
+    q_rest = tl.zeros([BLOCK], tl.float32)
     for start in range(0, V, BLOCK):
         offs = start + tl.arange(0, BLOCK)
-        zs = load_scaled(s_row, offs, V, inv_t)
-        zt = load_scaled(t_row, offs, V, inv_t)
-        contributing = (zs != float("-inf")) & (zt != float("-inf"))
-        f, h = pointwise_terms(
-            kind, (zt - m_t) - logz_t, (zs - m_s) - logz_s, param, log_wp, log_wq
-        )
+        log_q, log_p, contributing, _, _ = load_log_probs(s_row, t_row, offs, V, inv_t, m_s,
+                                                          logz_s, m_t, logz_t)
+        f, h = pointwise_terms(kind, log_p, log_q, param, log_wp, log_wq)
+        q = tl.exp(log_q)
         f_sum += tl.where(contributing, f, 0.0)
-        h_sum += tl.where(contributing, h, 0.0)
-    return tl.sum(f_sum), tl.sum(h_sum)
+        h_sum += tl.where(contributing, h, -tail * q)
+        above = (log_q > log_p) & contributing
+        below = (log_q < log_p) & contributing
+        q_above += tl.where(above, q, 0.0)
+        q_below += tl.where(below, q, 0.0)
+        q_rest += tl.where(above | below, 0.0, q)
+    return tl.sum(f_sum), tl.sum(h_sum), tl.sum(q_above), tl.sum(q_below), tl.sum(q_rest)

@@ -1,8 +1,9 @@
-"""Block sizes and warps per vocabulary size (a documented heuristic instead of autotuning).
+"""Launch settings: block sizes and warps per vocabulary size (a documented heuristic instead of
+autotuning).
 
 Autotuning would time every configuration on the first call of each new V and sync the host.
-These are the settings measured best on an H100 (benchmarks/results/h100-sweep, N = 16384,
-V = 128256, bf16; confirmed in h100-final), capped for small V:
+These are the settings measured best on an H100 (benchmarks/results/archive/h100-sweep,
+N = 16384, V = 128256, bf16; confirmed in archive/h100-final), capped for small V:
 - FKL / RKL forward (the statistics sweep alone): 1024-wide chunks, 4 warps (5.2 ms against
   5.6 ms at 2048 x 8 and 6.7 ms at 16 warps);
 - AKL forward: 2048-wide chunks at 8 warps for the statistics and gap sweeps, and a head search
@@ -16,10 +17,6 @@ ROW_BLOCK = 2048
 STATS_ONLY_BLOCK = 1024
 SEARCH_BLOCK = 1024
 PIVOTS = 4
-# Benchmarks sweep launch settings by filling these (keys as in the dicts returned below).
-FORWARD_OVERRIDES: dict = {}
-BACKWARD_OVERRIDES: dict = {}
-
 
 MIN_BLOCK = 128  # smaller rows run masked: fewer specialisations to compile and to test
 
@@ -40,11 +37,11 @@ def forward_launch(vocab: int, head_split: bool) -> dict:
         block = _block(vocab, ROW_BLOCK)
         launch = dict(BLOCK=block, SEARCH_BLOCK=_block(vocab, SEARCH_BLOCK), PIVOTS=PIVOTS,
                       num_warps=_warps(block))
-    return {**launch, **FORWARD_OVERRIDES}
+    return launch
 
 
 def backward_launch(vocab: int) -> dict:
-    return {**dict(BLOCK=_block(vocab, 2048), num_warps=4), **BACKWARD_OVERRIDES}
+    return dict(BLOCK=_block(vocab, 2048), num_warps=4)
 
 
 def launch_space():

@@ -3,8 +3,9 @@
 The Triton interpreter forgives what the compiler rejects (types, layouts, register limits).
 ``check_all`` builds each specialisation that ``backend="triton"`` can launch for sm_80 and
 sm_90 with Triton's bundled ptxas and prints, as JSON lines, the registers, stack, local and
-shared memory of each (read with the bundled cuobjdump): ``python -m akl_kernels.kernels.aot``
-(with TRITON_INTERPRET unset; the interpreter's kernels cannot be compiled).
+shared memory of each (read with the bundled cuobjdump):
+``python -m akl_kernels.backends.triton.aot`` (with TRITON_INTERPRET unset; the interpreter's
+kernels cannot be compiled).
 """
 
 from __future__ import annotations
@@ -20,73 +21,70 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from akl_kernels.autograd import N_ROW_STATS
-from akl_kernels.kernels import heuristics
-from akl_kernels.kernels.backward import _divergence_grad_kernel
-from akl_kernels.kernels.forward import _divergence_forward_kernel
+from akl_kernels.backends.triton import launch
+from akl_kernels.backends.triton.backward import _divergence_grad_kernel
+from akl_kernels.backends.triton.forward import _divergence_forward_kernel
 
 LOGIT_TYPES = ("fp32", "bf16", "fp16")
 
 
-def _forward_source(s_type, t_type, head_split, pointwise, with_ce, launch):
+def _forward_source(s_type, t_type, head_split, pointwise, with_ce, settings):
     signature = {
         "s_ptr": f"*{s_type}", "t_ptr": f"*{t_type}", "valid_ptr": "*i8", "loss_ptr": "*fp32",
         "stats_ptr": "*fp32", "head_ptr": "*fp32", "count_ptr": "*i32", "labels_ptr": "*i64",
         "parts_ptr": "*fp32", "V": "i32", "stride_s": "i32", "stride_t": "i32", "inv_t": "fp32",
         "fkl_weight": "fp32", "pointwise": "i32", "param": "fp32", "log_wp": "fp32",
-        "log_wq": "fp32", "t_scale": "fp32", "kd_ratio": "fp32", "mu": "fp32",
+        "log_wq": "fp32", "tail": "fp32", "t_scale": "fp32", "kd_ratio": "fp32", "mu": "fp32",
         "span": "fp32", "include_crossing": "i32",
         "HEAD_SPLIT": "constexpr", "POINTWISE": "constexpr", "WITH_CE": "constexpr",
-        "BLOCK": "constexpr", "SEARCH_BLOCK": "constexpr",
-        "PIVOTS": "constexpr", "N_STATS": "constexpr",
+        "BLOCK": "constexpr", "SEARCH_BLOCK": "constexpr", "PIVOTS": "constexpr",
     }
     constexprs = dict(HEAD_SPLIT=head_split, POINTWISE=pointwise, WITH_CE=with_ce,
-                      BLOCK=launch["BLOCK"], N_STATS=N_ROW_STATS,
-                      SEARCH_BLOCK=launch["SEARCH_BLOCK"], PIVOTS=launch["PIVOTS"])
+                      BLOCK=settings["BLOCK"], SEARCH_BLOCK=settings["SEARCH_BLOCK"],
+                      PIVOTS=settings["PIVOTS"])
     return ASTSource(_divergence_forward_kernel, signature, constexprs=constexprs)
 
 
-def _backward_source(s_type, t_type, pointwise, with_ce, launch, grad_type=None):
+def _backward_source(s_type, t_type, pointwise, with_ce, settings, grad_type=None):
     signature = {
         "s_ptr": f"*{s_type}", "t_ptr": f"*{t_type}", "stats_ptr": "*fp32", "coef_ptr": "*fp32",
         "grad_ptr": f"*{grad_type or s_type}", "labels_ptr": "*i64", "V": "i32", "stride_s": "i32",
         "stride_t": "i32", "inv_t": "fp32", "pointwise": "i32", "param": "fp32", "log_wp": "fp32",
-        "log_wq": "fp32", "t_scale": "fp32", "kd_scale": "fp32",
-        "ce_weight": "fp32", "POINTWISE": "constexpr", "WITH_CE": "constexpr", "BLOCK": "constexpr",
-        "N_STATS": "constexpr",
+        "log_wq": "fp32", "tail": "fp32", "t_scale": "fp32", "kd_scale": "fp32",
+        "ce_weight": "fp32",
+        "POINTWISE": "constexpr", "WITH_CE": "constexpr", "BLOCK": "constexpr",
     }
-    constexprs = dict(POINTWISE=pointwise, WITH_CE=with_ce, BLOCK=launch["BLOCK"],
-                      N_STATS=N_ROW_STATS)
+    constexprs = dict(POINTWISE=pointwise, WITH_CE=with_ce, BLOCK=settings["BLOCK"])
     return ASTSource(_divergence_grad_kernel, signature, constexprs=constexprs)
 
 
 def specialisations():
-    """(name, ASTSource, num_warps) for every launch the heuristics can produce, every dtype."""
-    forward_launches, backward_launches = heuristics.launch_space()
+    """(name, ASTSource, num_warps) for every launch ``launch`` can choose, every dtype."""
+    forward_launches, backward_launches = launch.launch_space()
     pairs = list(itertools.product(LOGIT_TYPES, LOGIT_TYPES))
     # The cross-entropy's code reads the student's dtype only: its variants are compiled for
     # the pairs of equal dtypes (every student dtype once).
-    for with_ce, ((head, point), launch), (s, t) in itertools.product(
+    for with_ce, ((head, point), settings), (s, t) in itertools.product(
             (False, True), forward_launches, pairs):
         if with_ce and s != t:
             continue
         name = (f"forward[{s},{t},head_split={head},pointwise={point},ce={with_ce},"
-                f"BLOCK={launch['BLOCK']}]")
-        yield name, _forward_source(s, t, head, point, with_ce, launch), launch["num_warps"]
-    for with_ce, launch, (s, t), point in itertools.product(
+                f"BLOCK={settings['BLOCK']}]")
+        yield name, _forward_source(s, t, head, point, with_ce, settings), settings["num_warps"]
+    for with_ce, settings, (s, t), point in itertools.product(
             (False, True), backward_launches, pairs, (False, True)):
         if with_ce and s != t:
             continue
-        name = f"grad[{s},{t},pointwise={point},ce={with_ce},BLOCK={launch['BLOCK']}]"
-        yield name, _backward_source(s, t, point, with_ce, launch), launch["num_warps"]
+        name = f"grad[{s},{t},pointwise={point},ce={with_ce},BLOCK={settings['BLOCK']}]"
+        yield name, _backward_source(s, t, point, with_ce, settings), settings["num_warps"]
     # The fused linear losses' backward: float32 logits tiles, the gradient written in the
-    # weight's dtype for the gradient GEMMs (akl_kernels/fused_linear.py).
-    for with_ce, launch, grad, point in itertools.product(
+    # weight's dtype for the gradient GEMMs (akl_kernels/fused_linear_sweeps.py).
+    for with_ce, settings, grad, point in itertools.product(
             (False, True), backward_launches, ("bf16", "fp16"), (False, True)):
         name = (f"grad[fp32,fp32->{grad},pointwise={point},ce={with_ce},"
-                f"BLOCK={launch['BLOCK']}]")
-        yield name, _backward_source("fp32", "fp32", point, with_ce, launch, grad), \
-            launch["num_warps"]
+                f"BLOCK={settings['BLOCK']}]")
+        yield name, _backward_source("fp32", "fp32", point, with_ce, settings, grad), \
+            settings["num_warps"]
 
 
 def compile_for(source, num_warps, arch):

@@ -1,0 +1,121 @@
+"""The custom operators behind every loss on logits.
+
+``akl_kernels::divergence_rows`` runs a backend's forward pass (each row's loss and
+statistics) and ``akl_kernels::divergence_grad`` its backward pass; the first is differentiable
+through the second (``register_autograd``), and both have fake implementations, so that
+``torch.compile(fullgraph=True)`` traces a loss as one graph with the backend as an opaque call
+(docs/contract.md §8). The non-tensor options travel as one ``LossConfig``; the operators'
+schemas take its fields in order (``config.schema_arguments``).
+
+Checks that need the values of a tensor (the label range of the fused cross-entropy) run inside
+``divergence_rows`` with ``check_values=True`` only: with False no host synchronisation happens,
+so a Triton loss call can be captured in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from akl_kernels import validation as checks
+from akl_kernels.backends import get_backend
+from akl_kernels.config import LossConfig, schema_arguments
+from akl_kernels.row_results import N_ROW_STATS, HeadTailStats, RowResult, loss_dtype
+
+_CONFIG = schema_arguments()
+
+
+def _forward(student, teacher, valid, labels, backend, *fields_and_flags):
+    *fields, head_stats, check_values = fields_and_flags
+    cfg = LossConfig(*fields)
+    if cfg.with_ce and check_values:
+        checks.check_class_labels(labels, valid, student.shape[-1])
+    result = get_backend(backend).forward(student, teacher, valid, cfg, labels=labels,
+                                          head_stats=head_stats)
+    # Absent outputs are empty tensors (an operator returns tensors), each its own: outputs
+    # must not alias one another.
+    def empty(*shape, dtype=result.loss.dtype):
+        return student.new_empty(shape, dtype=dtype)
+
+    parts = result.parts if result.parts is not None else empty(0, 2)
+    if result.head is None:
+        return result.loss, result.row_stats, parts, empty(0, 4), empty(0, dtype=torch.int64)
+    head = result.head
+    columns = torch.stack([head.head_gap, head.tail_gap, head.head_weight, head.head_mass], 1)
+    return result.loss, result.row_stats, parts, columns.to(result.loss.dtype), head.head_count
+
+
+_forward_op = torch.library.custom_op(
+    "akl_kernels::divergence_rows", _forward, mutates_args=(),
+    schema=f"(Tensor student, Tensor teacher, Tensor valid, Tensor? labels, str backend, "
+           f"{_CONFIG}, bool head_stats, bool check_values) "
+           "-> (Tensor, Tensor, Tensor, Tensor, Tensor)")
+
+
+@_forward_op.register_fake
+def _forward_fake(student, teacher, valid, labels, backend, *fields_and_flags):
+    *fields, head_stats, _ = fields_and_flags
+    cfg = LossConfig(*fields)
+    n = student.shape[0]
+    dtype = loss_dtype(student, teacher)
+    new = lambda *shape, dtype=dtype: student.new_empty(shape, dtype=dtype)  # noqa: E731
+    heads = n if head_stats and cfg.needs_head_split else 0
+    return (new(n), new(n, N_ROW_STATS), new(n if cfg.with_ce else 0, 2), new(heads, 4),
+            new(heads, dtype=torch.int64))
+
+
+def _grad(student, teacher, valid, row_stats, grad_rows, labels, backend, *fields):
+    coef = torch.where(valid, grad_rows, torch.zeros_like(grad_rows))  # ignored rows: exactly 0
+    return get_backend(backend).backward(student, teacher, row_stats, coef, LossConfig(*fields),
+                                         labels=labels)
+
+
+_grad_op = torch.library.custom_op(
+    "akl_kernels::divergence_grad", _grad, mutates_args=(),
+    schema=f"(Tensor student, Tensor teacher, Tensor valid, Tensor row_stats, Tensor grad_rows, "
+           f"Tensor? labels, str backend, {_CONFIG}) -> Tensor")
+
+
+@_grad_op.register_fake
+def _grad_fake(student, *_):
+    return torch.empty_like(student, memory_format=torch.contiguous_format)
+
+
+def refuse_double_backward(ctx, *grads):
+    raise RuntimeError(
+        "akl_kernels losses have no second derivative: double backward (create_graph=True "
+        "followed by a backward through the gradient) is not supported")
+
+
+_grad_op.register_autograd(refuse_double_backward)
+
+
+def _setup_context(ctx, inputs, output):
+    student, teacher, valid, labels, backend, *fields_and_flags = inputs
+    ctx.save_for_backward(student, teacher, valid, output[1], labels)
+    ctx.options = (backend, *fields_and_flags[:-2])  # without head_stats and check_values
+    ctx.n_inputs = len(inputs)
+    ctx.mark_non_differentiable(*output[1:])
+
+
+def _backward(ctx, grad_rows, *_):
+    student, teacher, valid, row_stats, labels = ctx.saved_tensors
+    grad = _grad_op(student, teacher, valid, row_stats, grad_rows.to(row_stats.dtype), labels,
+                    *ctx.options)
+    return grad, *([None] * (ctx.n_inputs - 1))
+
+
+_forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def divergence_rows(student: torch.Tensor, teacher: torch.Tensor, valid: torch.Tensor,
+                    cfg: LossConfig, *, backend: str, labels: torch.Tensor | None = None,
+                    head_stats: bool = False, check_values: bool = True) -> RowResult:
+    """Each row's loss (differentiable in ``student``, 0 at rows where ``valid`` is False),
+    statistics, AKL split (``head_stats``) and (divergence, cross-entropy) parts (``cfg.with_ce``)
+    for rows ``student``, ``teacher`` [N, V] and ``labels`` [N] int64 or None."""
+    loss, row_stats, parts, head, head_count = _forward_op(
+        student, teacher, valid, labels, backend, *cfg.fields(), head_stats, check_values)
+    split = None
+    if head_stats and cfg.needs_head_split:
+        split = HeadTailStats(head[:, 0], head[:, 1], head[:, 2], head_count, head[:, 3])
+    return RowResult(loss, row_stats, split, parts if cfg.with_ce else None)

@@ -1,0 +1,112 @@
+"""Public fused linear losses: every divergence of the library, from the last hidden states.
+
+``fused_linear_akl_loss(student_hidden, student_weight, labels, teacher_hidden=...,
+teacher_weight=...)`` equals ``akl_loss(student_hidden @ student_weight.T, teacher_hidden @
+teacher_weight.T, labels)`` with the logits computed in float32, but neither model's logits are
+ever stored whole (fused_linear_sweeps.py). The teacher may also come as logits.
+"""
+
+from __future__ import annotations
+
+from akl_kernels import validation as checks
+from akl_kernels.backends import resolve_backend
+from akl_kernels.config import make_config
+from akl_kernels.fused_linear_op import fused_linear_rows
+from akl_kernels.losses import DistillationOutput, valid_rows
+from akl_kernels.row_results import reduce_rows
+
+
+def _fused_linear(cfg, student_hidden, student_weight, labels, *, teacher_hidden,
+                  teacher_weight, teacher_logits, student_bias, teacher_bias, ignore_index,
+                  reduction, chunk_size, backend, check_values):
+    """Shared body: checks, the valid rows, the custom operator, the reduction."""
+    teacher_optional = cfg.with_ce and cfg.kd_ratio == 0.0
+    checks.check_linear_inputs(student_hidden, student_weight, student_bias, teacher_hidden,
+                               teacher_weight, teacher_bias, teacher_logits,
+                               teacher_optional=teacher_optional)
+    checks.check_reduction(reduction)
+    checks.check_labels(labels, student_hidden, ignore_index)
+    checks.check_chunk_size(chunk_size)
+    checks.check_bool("check_values", check_values)
+    teacher = dict(teacher_hidden=teacher_hidden, teacher_weight=teacher_weight,
+                   teacher_bias=teacher_bias, teacher_logits=teacher_logits)
+    backend = resolve_backend(backend, student_hidden,
+                              *(t for t in (teacher_logits, teacher_hidden) if t is not None))
+    lead = student_hidden.shape[:-1]
+    hidden = student_hidden.reshape(-1, student_hidden.shape[-1])
+    n_rows = hidden.shape[0]
+    if teacher_hidden is not None:
+        teacher["teacher_hidden"] = teacher_hidden.reshape(n_rows, teacher_hidden.shape[-1])
+    valid = valid_rows(labels, ignore_index, n_rows, hidden.device)
+    flat_labels = labels.reshape(n_rows).long() if cfg.with_ce else None
+    loss, parts = fused_linear_rows(hidden, student_weight, student_bias, teacher, valid, cfg,
+                                    backend=backend, labels=flat_labels, chunk_size=chunk_size,
+                                    check_values=check_values)
+    reduce = lambda rows: reduce_rows(rows, valid, reduction, lead)  # noqa: E731
+    return reduce(loss), None if parts is None else (reduce(parts[:, 0]), reduce(parts[:, 1]))
+
+
+def fused_linear_loss(student_hidden, student_weight, labels=None, *, divergence="akl",
+                      teacher_hidden=None, teacher_weight=None, teacher_logits=None,
+                      student_bias=None, teacher_bias=None, temperature=1.0, ignore_index=-100,
+                      reduction="mean", chunk_size=None, backend="auto", check_values=True,
+                      **divergence_options):
+    """``divergence`` (any of the library's: "akl", "fkl", "rkl", "jsd", "skew_fkl",
+    "skew_rkl", "tvd", "mixed_kl", with its options by keyword as in ``distillation_loss``)
+    between ``student_hidden @ student_weight.T + student_bias`` and the teacher's logits, given
+    as ``teacher_hidden @ teacher_weight.T + teacher_bias`` (the hidden sizes may differ) or as
+    ``teacher_logits``. Neither model's logits are stored whole; they are computed in float32
+    in row chunks (``chunk_size`` rows; by default from V and a 256 MiB budget,
+    ``AKL_FUSED_LINEAR_BUDGET_MB``). Gradients flow to the student's hidden states, weight and
+    bias. Reductions, ``labels`` and ``ignore_index`` as in ``akl_loss``. One host sync per call
+    finds the rows that are not ignored."""
+    cfg = make_config(divergence, divergence_options, temperature=temperature)
+    loss, _ = _fused_linear(
+        cfg, student_hidden, student_weight, labels, teacher_hidden=teacher_hidden,
+        teacher_weight=teacher_weight, teacher_logits=teacher_logits, student_bias=student_bias,
+        teacher_bias=teacher_bias, ignore_index=ignore_index, reduction=reduction,
+        chunk_size=chunk_size, backend=backend, check_values=check_values)
+    return loss
+
+
+def fused_linear_akl_loss(student_hidden, student_weight, labels=None, *, mu=0.5,
+                          include_crossing=False, **options):
+    """Adaptive KL from hidden states: ``akl_loss`` of the two heads' logits, which are never
+    stored whole. Options as ``fused_linear_loss``."""
+    return fused_linear_loss(student_hidden, student_weight, labels, divergence="akl", mu=mu,
+                             include_crossing=include_crossing, **options)
+
+
+def fused_linear_fkl_loss(student_hidden, student_weight, labels=None, **options):
+    """Forward KL from hidden states; options as ``fused_linear_loss``."""
+    return fused_linear_loss(student_hidden, student_weight, labels, divergence="fkl", **options)
+
+
+def fused_linear_rkl_loss(student_hidden, student_weight, labels=None, **options):
+    """Reverse KL from hidden states; options as ``fused_linear_loss``."""
+    return fused_linear_loss(student_hidden, student_weight, labels, divergence="rkl", **options)
+
+
+def fused_linear_distillation_loss(student_hidden, student_weight, labels, *, divergence="akl",
+                                   kd_ratio=0.5, teacher_hidden=None, teacher_weight=None,
+                                   teacher_logits=None, student_bias=None, teacher_bias=None,
+                                   temperature=1.0, ignore_index=-100, reduction="mean",
+                                   chunk_size=None, backend="auto", return_parts=False,
+                                   check_values=True, **divergence_options):
+    """``distillation_loss`` (``(1 - kd_ratio) CE + kd_ratio divergence``) from hidden states;
+    the cross-entropy is fused into the same passes. Options as ``fused_linear_loss``. At
+    ``kd_ratio = 0`` the teacher may be left out: the loss is then the cross-entropy alone."""
+    if labels is None:
+        raise ValueError("labels are required: they are the cross-entropy's targets")
+    cfg = make_config(divergence, divergence_options, temperature=temperature,
+                      kd_ratio=kd_ratio)
+    checks.check_bool("return_parts", return_parts)
+    loss, parts = _fused_linear(
+        cfg, student_hidden, student_weight, labels, teacher_hidden=teacher_hidden,
+        teacher_weight=teacher_weight, teacher_logits=teacher_logits, student_bias=student_bias,
+        teacher_bias=teacher_bias, ignore_index=ignore_index, reduction=reduction,
+        chunk_size=chunk_size, backend=backend, check_values=check_values)
+    if return_parts:
+        divergence_part, ce_part = parts
+        return DistillationOutput(loss, ce_part, divergence_part)
+    return loss

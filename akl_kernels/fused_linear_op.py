@@ -1,0 +1,195 @@
+"""The custom operators behind every loss from hidden states.
+
+``akl_kernels::fused_linear_rows`` runs the forward sweep of fused_linear_sweeps.py (each row's
+loss and statistics, the logits never stored whole) and ``akl_kernels::fused_linear_grad`` the
+backward sweep (the gradients of the student's hidden states, weight and bias); with fake
+implementations and ``register_autograd``, a fused linear loss traces as one graph under
+``torch.compile(fullgraph=True)`` (docs/contract.md §8).
+
+Ignored rows are dropped before any GEMM: finding them costs one host synchronisation per call,
+inside the operator. The teacher comes as ``teacher_hidden`` and ``teacher_weight`` (with an
+optional ``teacher_bias``), as ``teacher_logits``, or not at all (the cross-entropy alone, at
+``kd_ratio = 0``: the student's own logits stand in for the teacher's, whose term is 0).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from akl_kernels import validation as checks
+from akl_kernels.backends import get_backend
+from akl_kernels.config import LossConfig, schema_arguments
+from akl_kernels.divergence_op import refuse_double_backward
+from akl_kernels.fused_linear_sweeps import (
+    GivenLogits,
+    LinearHead,
+    backward_sweep,
+    forward_sweep,
+    plan_tiles,
+)
+from akl_kernels.row_results import N_ROW_STATS, as_rows, loss_dtype
+
+_TENSORS = ("Tensor hidden, Tensor weight, Tensor? bias, Tensor? teacher_hidden, "
+            "Tensor? teacher_weight, Tensor? teacher_bias, Tensor? teacher_logits, Tensor valid")
+_OPTIONS = f"int chunk_size, str backend, {schema_arguments()}"
+
+
+def _pick(x, rows):
+    """The valid rows of x (``rows``: their indices, None for all); None stays None."""
+    return x if x is None or rows is None else x[rows]
+
+
+def _heads(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, teacher_logits,
+           rows):
+    """The student's and the teacher's head over the valid rows."""
+    student = LinearHead(_pick(hidden, rows), weight, bias)
+    if teacher_logits is not None:  # the backends take any row stride: no copy
+        return student, GivenLogits(as_rows(teacher_logits), rows)
+    if teacher_hidden is not None:
+        return student, LinearHead(_pick(teacher_hidden, rows), teacher_weight, teacher_bias)
+    return student, None
+
+
+def _valid_indices(valid):
+    """The valid rows' indices, or None when every row is (one host sync: nonzero)."""
+    rows = valid.nonzero()[:, 0]
+    return None if rows.numel() == valid.numel() else rows
+
+
+def _tiles(hidden, weight, teacher_hidden, teacher_logits, n_valid, chunk_size):
+    teacher = teacher_logits if teacher_logits is not None else teacher_hidden
+    wide = loss_dtype(hidden, *(() if teacher is None else (teacher,)))
+    return plan_tiles(n_valid, weight.shape[0], wide, chunk_size or None)
+
+
+def _scatter_rows(values, rows, n_rows):
+    """Values of the valid rows placed into all n_rows rows (zeros at ignored rows)."""
+    if rows is None:
+        return values
+    out = values.new_zeros((n_rows, *values.shape[1:]))
+    out[rows] = values
+    return out
+
+
+def _forward(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, teacher_logits,
+             valid, labels, chunk_size, backend, *fields_and_flag):
+    *fields, check_values = fields_and_flag
+    cfg = LossConfig(*fields)
+    if cfg.with_ce and check_values:
+        checks.check_class_labels(labels, valid, weight.shape[0])
+    n_rows = hidden.shape[0]
+    rows = _valid_indices(valid)
+    n_valid = n_rows if rows is None else rows.numel()
+    tiles = _tiles(hidden, weight, teacher_hidden, teacher_logits, n_valid, chunk_size)
+    loss = hidden.new_zeros(n_rows, dtype=tiles.dtype)
+    row_stats = hidden.new_zeros(n_rows, N_ROW_STATS, dtype=tiles.dtype)
+    parts = hidden.new_zeros(n_rows if cfg.with_ce else 0, 2, dtype=tiles.dtype)
+    if n_valid == 0:
+        return loss, row_stats, parts
+    # Under torch.autocast the GEMMs would return bf16/fp16 logits: the float32 logits this
+    # layer promises are computed with autocast off, in the inputs' own dtypes.
+    with torch.autocast(hidden.device.type, enabled=False):
+        student, teacher = _heads(hidden, weight, bias, teacher_hidden, teacher_weight,
+                                  teacher_bias, teacher_logits, rows)
+        row_loss, stats, row_parts = forward_sweep(student, teacher, _pick(labels, rows), cfg,
+                                                   get_backend(backend), tiles)
+    loss = _scatter_rows(row_loss, rows, n_rows)
+    row_stats = _scatter_rows(stats, rows, n_rows)
+    if cfg.with_ce:
+        parts = _scatter_rows(row_parts, rows, n_rows)
+    return loss, row_stats, parts
+
+
+_forward_op = torch.library.custom_op(
+    "akl_kernels::fused_linear_rows", _forward, mutates_args=(),
+    schema=f"({_TENSORS}, Tensor? labels, {_OPTIONS}, bool check_values) "
+           "-> (Tensor, Tensor, Tensor)")
+
+
+@_forward_op.register_fake
+def _forward_fake(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias,
+                  teacher_logits, valid, labels, chunk_size, backend, *fields_and_flag):
+    cfg = LossConfig(*fields_and_flag[:-1])
+    n = hidden.shape[0]
+    teacher = teacher_logits if teacher_logits is not None else teacher_hidden
+    dtype = loss_dtype(hidden, *(() if teacher is None else (teacher,)))
+    return (hidden.new_empty(n, dtype=dtype), hidden.new_empty(n, N_ROW_STATS, dtype=dtype),
+            hidden.new_empty(n if cfg.with_ce else 0, 2, dtype=dtype))
+
+
+def _grad(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, teacher_logits,
+          valid, row_stats, grad_rows, labels, chunk_size, backend, *fields_and_flags):
+    *fields, need_hidden, need_weight, need_bias = fields_and_flags
+    cfg = LossConfig(*fields)
+    rows = _valid_indices(valid)
+    n_valid = hidden.shape[0] if rows is None else rows.numel()
+    tiles = _tiles(hidden, weight, teacher_hidden, teacher_logits, n_valid, chunk_size)
+    with torch.autocast(hidden.device.type, enabled=False):
+        student, teacher = _heads(hidden, weight, bias, teacher_hidden, teacher_weight,
+                                  teacher_bias, teacher_logits, rows)
+        grad_hidden, grad_weight, grad_bias = backward_sweep(
+            student, teacher, _pick(row_stats, rows), _pick(grad_rows.to(tiles.dtype), rows),
+            _pick(labels, rows), cfg, get_backend(backend), tiles, need_hidden=need_hidden,
+            need_weight=need_weight, need_bias=need_bias)
+    # Not needed: an empty tensor of its own (an operator returns tensors, not None, and its
+    # outputs must not alias one another).
+    def nothing():
+        return hidden.new_empty(0)
+
+    grad_hidden = (nothing() if grad_hidden is None
+                   else _scatter_rows(grad_hidden.to(hidden.dtype), rows, hidden.shape[0]))
+    grad_bias = nothing() if grad_bias is None else grad_bias.to(bias.dtype)
+    return grad_hidden, nothing() if grad_weight is None else grad_weight, grad_bias
+
+
+_grad_op = torch.library.custom_op(
+    "akl_kernels::fused_linear_grad", _grad, mutates_args=(),
+    schema=f"({_TENSORS}, Tensor row_stats, Tensor grad_rows, Tensor? labels, {_OPTIONS}, "
+           "bool need_hidden, bool need_weight, bool need_bias) -> (Tensor, Tensor, Tensor)")
+
+
+@_grad_op.register_fake
+def _grad_fake(hidden, weight, bias, *args):
+    need_hidden, need_weight, need_bias = args[-3:]
+    return (torch.empty_like(hidden) if need_hidden else hidden.new_empty(0),
+            torch.empty_like(weight) if need_weight else hidden.new_empty(0),
+            torch.empty_like(bias) if need_bias else hidden.new_empty(0))
+
+
+_grad_op.register_autograd(refuse_double_backward)
+
+
+def _setup_context(ctx, inputs, output):
+    *tensors, labels, chunk_size, backend = inputs[:11]
+    ctx.save_for_backward(*tensors, output[1], labels)
+    ctx.options = (chunk_size, backend, *inputs[11:-1])  # without check_values
+    ctx.n_inputs = len(inputs)
+    ctx.mark_non_differentiable(output[1], output[2])
+
+
+def _backward(ctx, grad_rows, *_):
+    *tensors, row_stats, labels = ctx.saved_tensors
+    valid = tensors[-1]
+    coef = torch.where(valid, grad_rows, torch.zeros_like(grad_rows))  # ignored rows: exactly 0
+    need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+    grads = _grad_op(*tensors, row_stats, coef, labels, *ctx.options, need_hidden, need_weight,
+                     need_bias)
+    grads = tuple(g if need else None for g, need in zip(grads, ctx.needs_input_grad[:3],
+                                                          strict=True))
+    return *grads, *([None] * (ctx.n_inputs - 3))
+
+
+_forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def fused_linear_rows(hidden, weight, bias, teacher, valid, cfg: LossConfig, *, backend: str,
+                      labels=None, chunk_size=None, check_values=True):
+    """(loss [N], parts [N, 2] or None) of rows ``hidden`` [N, H] through ``weight`` [V, H]
+    and ``bias`` against ``teacher``: a dict with ``teacher_hidden``, ``teacher_weight``,
+    ``teacher_bias`` and ``teacher_logits`` entries (absent ones None); differentiable in
+    ``hidden``, ``weight`` and ``bias``."""
+    loss, _, parts = _forward_op(
+        hidden, weight, bias, teacher.get("teacher_hidden"), teacher.get("teacher_weight"),
+        teacher.get("teacher_bias"), teacher.get("teacher_logits"), valid, labels,
+        chunk_size or 0, backend, *cfg.fields(), check_values)
+    return loss, parts if cfg.with_ce else None

@@ -44,8 +44,8 @@ GRIDS = {  # the default grid per device: rows, vocabularies
 # --quick: under a minute on 2 CPU cores. torch.compile is left out there because compiling
 # the reference takes ~15 s per loss on such a machine.
 QUICK = {
-    "cpu": dict(n=[512], vocab=[32000], dtypes=["float32"], teachers=["flat"],
-                impls=["torch", "official", "kl_div"]),
+    "cpu": dict(n=[256], vocab=[32000], dtypes=["float32"], teachers=["flat"],
+                impls=["torch", "official", "kl_div"], repeats=2),
     "cuda": dict(n=[4096], vocab=[32000, 128256], dtypes=["bfloat16"], teachers=["flat"]),
 }
 # Which implementations go first: with --budget-s the last ones are the first to be dropped.

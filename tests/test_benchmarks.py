@@ -61,7 +61,25 @@ def test_quick_mode_is_the_small_grid(tmp_path):
     args = cli.parse_args(["--device", "cpu", "--quick", "--out", str(tmp_path)])
     cases, skipped = cli.plan(args, "cpu")
     assert {c.impl for c in cases} == {"torch", "official", "kl_div"}
-    assert {(c.n, c.vocab) for c in cases} == {(512, 32000)} and not skipped  # none asked
+    assert {(c.n, c.vocab) for c in cases} == {(256, 32000)} and not skipped  # none asked
+
+
+def test_the_report_leaves_the_checkout_clean_unless_asked():
+    # The default output folder is one git ignores; committed results need an explicit --out.
+    args = cli.parse_args(["--device", "cpu"])
+    assert args.out == cli.Path("benchmarks/results/local/cpu")
+    ignored = subprocess.run(["git", "check-ignore", "-q", str(args.out / "bench_cpu.md")],
+                             cwd=cli.Path(__file__).resolve().parents[1], check=False)
+    assert ignored.returncode == 0
+
+
+def test_a_missing_plotting_library_is_said_before_any_case_runs(monkeypatch, tmp_path):
+    real_find_spec = cli.importlib.util.find_spec
+    monkeypatch.setattr(cli.importlib.util, "find_spec",
+                        lambda name: None if name == "matplotlib" else real_find_spec(name))
+    monkeypatch.setattr(cli, "plan", lambda *a: pytest.fail("cases were planned"))
+    with pytest.raises(SystemExit, match="matplotlib"):
+        cli.main(["--device", "cpu", "--quick", "--out", str(tmp_path)])
 
 
 def test_plan_shrinks_rows_to_fit_and_times_the_library_on_them(monkeypatch):

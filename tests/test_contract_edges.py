@@ -133,7 +133,7 @@ def test_gradients_do_not_cancel_on_nearly_disjoint_distributions(backend, kind,
     # 6e-3 (torch) to 3.5e-2 (Triton) of relative error and skew RKL 2e-3; float32 must stay
     # well under 1e-4. Seeds are fixed so the worst cases seen are always in.
     worst = 0.0
-    seeds = range(12) if backend == "triton" else range(40)
+    seeds = range(4) if backend == "triton" else range(12)
     for seed in seeds:
         gen = torch.Generator().manual_seed(seed)
         teacher = (torch.randn(3, 1000, generator=gen) * 4).to(DEVICE)

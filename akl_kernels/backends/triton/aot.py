@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import multiprocessing
 import os
 import re
 import subprocess
@@ -105,16 +106,32 @@ def resource_usage(compiled) -> dict:
     return {k.lower(): int(v) for k, v in fields.items()}
 
 
-def check_all(archs=(80, 90)):
-    """Compile everything; one JSON line per (specialisation, arch) with its resources or error."""
-    for name, source, warps in specialisations():
+def _compile_share(task):
+    """The records of every ``workers``-th specialisation from ``worker`` on."""
+    worker, workers, archs = task
+    records = []
+    for index, (name, source, warps) in enumerate(specialisations()):
+        if index % workers != worker:
+            continue
         for arch in archs:
             record = dict(kernel=name, arch=arch, num_warps=warps)
             try:
                 record.update(resource_usage(compile_for(source, warps, arch)))
             except Exception as exc:  # reported, and failed by tests/test_aot_compile.py
                 record["error"] = f"{type(exc).__name__}: {exc}"[-2000:]
-            print(json.dumps(record), flush=True)
+            records.append(record)
+    return records
+
+
+def check_all(archs=(80, 90), workers=None):
+    """Compile everything, one process per core (the compiler is single-threaded); one JSON
+    line per (specialisation, arch) with its resources or error."""
+    workers = workers or os.cpu_count() or 1
+    tasks = [(worker, workers, archs) for worker in range(workers)]
+    with multiprocessing.get_context("fork").Pool(workers) as pool:
+        for records in pool.imap_unordered(_compile_share, tasks):
+            for record in records:
+                print(json.dumps(record), flush=True)
 
 
 if __name__ == "__main__":

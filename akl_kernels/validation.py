@@ -158,6 +158,15 @@ def environment_megabytes(variable: str, default: float) -> float:
     return value
 
 
+def environment_choice(variable: str, choices: tuple[str, ...], default: str) -> str:
+    """One of ``choices`` from the environment variable ``variable``, else ``default``."""
+    text = os.environ.get(variable, default)
+    if text not in choices:
+        raise ValueError(f"the environment variable {variable} must be one of {choices}, "
+                         f"got {text!r}")
+    return text
+
+
 def _check_hidden(name, hidden, teacher):
     check_float_tensor(name, hidden, "hidden dimension (H = 0)")
     if teacher and hidden.requires_grad and torch.is_grad_enabled():

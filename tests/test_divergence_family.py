@@ -142,7 +142,7 @@ def test_torch_backend_chunking_is_exact(rng, monkeypatch):
     for kind, fn, name, value in CASES:
         loss_fn = _loss_fn(fn, name, value)
         whole = backend_grad(loss_fn, student, teacher, backend="torch", reduction="none")
-        monkeypatch.setattr(chunked, "working_set_bytes", lambda: 2 * 2000 * 4 * 16)
+        monkeypatch.setattr(chunked, "working_set_bytes", lambda *_: 2 * 2000 * 4 * 16)
         parts = backend_grad(loss_fn, student, teacher, backend="torch", reduction="none")
         monkeypatch.undo()
         assert torch.equal(whole[0], parts[0]) and torch.equal(whole[1], parts[1]), kind

@@ -1,67 +1,133 @@
-"""Sort-free, exact AKL head/tail split for the chunked PyTorch backend.
+"""Exact AKL head/tail split for the chunked PyTorch backend: radix select over the teacher's
+value keys in a fixed number of passes (the plan and its arithmetic: akl_kernels/radix_split.py;
+the definition: docs/contract.md §2.4).
 
-The head of a row is every token with ``p > u*`` plus the lowest-index tokens with ``p == u*``,
-where ``u*`` is the value of the token whose cumulative mass first exceeds ``mu``
-(docs/contract.md §2). A
-full sort finds it in O(V log V) per row; here one weighted histogram over the distance to the
-row maximum finds the bin holding ``u*``, and only that bin's candidates (a few dozen tokens
-for real distributions) are sorted. Masses are summed in float64.
-
-Why the range of the histogram is enough: with ``S`` the row's mass and ``e*`` the crossing
-token's probability, every token below ``u*`` weighs less than ``e*``, so
-``(1 - mu) S <= V e*``; with ``p_max <= S`` that gives ``log p_max - log e* <= log(V / (1 - mu))``.
-Tokens farther below the top logit than that can never hold the crossing.
+Each pass is one ``bincount`` of the integer masses (held exactly in float64) into
+``2**width`` bins per row, over the tokens still in the running: the whole row for the first
+digit, then only those whose higher digits match, so the work is linear in V whatever the
+data. The per-pass histogram is the only thing a row needs from all of its tokens, which is
+what lets a vocabulary shard add its histogram to the others' (one all-reduce per pass) and a
+sparse teacher run the same passes over its k entries.
 """
 
 from __future__ import annotations
 
-import math
+from typing import NamedTuple
 
 import torch
 
-from akl_kernels.backends.torch.reductions import row_sum
+from akl_kernels.radix_split import MASS_BITS, digit_plan, key_bits
 
-HISTOGRAM_BINS = 2048
-
-
-def _crossing_value(zt, p, thr, mu):
-    """Per row: the crossing logit u*, the mass strictly above it, and its probability."""
-    rows, vocab = zt.shape
-    z_max = zt.amax(dim=1, keepdim=True)
-    span = math.log(vocab / (1.0 - mu)) + 2.0
-    scaled = ((z_max - zt) * (HISTOGRAM_BINS / span)).nan_to_num(nan=HISTOGRAM_BINS - 1)
-    bins = scaled.clamp_(0, HISTOGRAM_BINS - 1).long()
-    hist = torch.zeros(rows, HISTOGRAM_BINS, dtype=torch.float64, device=zt.device)
-    hist.scatter_add_(1, bins, p.to(torch.float64))
-    cum = hist.cumsum(dim=1)
-    # The crossing bin: the first whose cumulative mass exceeds thr.
-    b_star = (cum <= thr[:, None]).sum(dim=1).clamp_(max=HISTOGRAM_BINS - 1)
-    mass_above = torch.where(
-        b_star > 0, cum.gather(1, (b_star - 1).clamp(min=0)[:, None]).squeeze(1), 0.0
-    )
-    candidates = bins == b_star[:, None]
-    k = max(int(candidates.sum(dim=1).max()), 1)  # the only host sync of this backend
-    neg_inf = torch.tensor(float("-inf"), dtype=zt.dtype, device=zt.device)
-    values, index = torch.where(candidates, zt, neg_inf).topk(k, dim=1)
-    cand_p = torch.where(values > neg_inf, p.gather(1, index), 0).to(torch.float64)
-    cum_c = mass_above[:, None] + cand_p.cumsum(dim=1)
-    j = (cum_c <= thr[:, None]).sum(dim=1).clamp_(max=k - 1)[:, None]
-    u_star = values.gather(1, j).squeeze(1)
-    mass_gt = mass_above + row_sum(torch.where(values > u_star[:, None], cand_p, 0.0))
-    return u_star, mass_gt, cand_p.gather(1, j).squeeze(1), z_max.squeeze(1)
+_INT_OF_WIDTH = {16: torch.int16, 32: torch.int32, 64: torch.int64}
 
 
-def head_mask(zt: torch.Tensor, p: torch.Tensor, mu: float, include_crossing: bool):
-    """Boolean head mask of ``zt`` ([R, V] scaled teacher logits, ``p`` their softmax)."""
-    vocab = zt.shape[1]
+def order_keys(teacher: torch.Tensor) -> torch.Tensor:
+    """Signed integer keys of the teacher's bit width whose order is the order of its values
+    (equal values, -0.0 and +0.0 included, get equal keys)."""
+    bits = key_bits(teacher.dtype)
+    raw = teacher.view(_INT_OF_WIDTH[bits])
+    # A negative float's magnitude grows with its bits: flip them (all but the sign) so that
+    # its key falls instead, and add 1 so that -0.0 (the sign bit alone) keys as +0.0 does.
+    # (raw >> bits-1) is -1 for negative floats and 0 for the others.
+    negative = raw >> (bits - 1)
+    return (raw ^ (negative & torch.iinfo(raw.dtype).max)) - negative
+
+
+def digit_histogram(rows, keys, masses, shift, width, n_rows):
+    """[n_rows, 2**width] float64: the mass of each value of the digit ``keys >> shift`` of
+    ``width`` bits, per row, over the tokens given as 1-D ``rows``, ``keys`` (int64) and
+    ``masses``. The masses are integers below 2**53 in total, so the sums are exact in any
+    order."""
+    bins = 1 << width
+    flat = rows * bins + ((keys >> shift) & (bins - 1))
+    return torch.bincount(flat, weights=masses, minlength=n_rows * bins).view(n_rows, bins)
+
+
+def _top_digit_histogram(keys, masses, shift, width):
+    """digit_histogram of a whole [R, K] block for its top digit (which carries the sign)."""
+    bins = 1 << width
+    digit = ((keys >> shift) + bins // 2).long()
+    hist = torch.zeros(keys.shape[0], bins, dtype=torch.float64, device=keys.device)
+    return hist.scatter_add_(1, digit, masses)
+
+
+def crossing_digit(hist, above, thr):
+    """The digit whose cumulative mass (from the top) first exceeds thr, and the new above."""
+    at_or_above = hist.flip(1).cumsum(dim=1).flip(1)  # mass of the digits >= d
+    digit = ((above[:, None] + at_or_above) > thr[:, None]).sum(dim=1).sub_(1).clamp_(min=0)
+    at = digit[:, None]
+    return digit, above + (at_or_above.gather(1, at) - hist.gather(1, at))[:, 0]
+
+
+class Threshold(NamedTuple):
+    key: torch.Tensor  # [R] the key v* of the crossing token (int64)
+    above: torch.Tensor  # [R] the mass of the keys above v*
+    rows: torch.Tensor  # the tokens keyed v*, as (row, column) in row-major order
+    columns: torch.Tensor
+
+
+def threshold_key(keys, masses, thr, plan, reduce_histogram=None) -> Threshold:
+    """Per row of [R, K] ``keys`` and float64 integer ``masses``: the key ``v*`` of the token
+    whose cumulative mass (from the largest values down) first exceeds ``thr``, the mass of
+    the keys above it, and where the tokens keyed v* are.
+
+    The first digit's pass reads the whole block; each later one only the tokens still in the
+    running (those whose higher digits equal the ones chosen): the same histograms for less
+    work. ``reduce_histogram`` (in place on each pass's [R, bins] histogram) is how several
+    holders of parts of a row combine them, e.g. an all-reduce over vocabulary shards.
+    """
+    n_rows = keys.shape[0]
+    above = torch.zeros(n_rows, dtype=torch.float64, device=keys.device)
+    (shift, width), *rest = plan
+    hist = _top_digit_histogram(keys, masses, shift, width)
+    if reduce_histogram is not None:
+        reduce_histogram(hist)
+    digit, above = crossing_digit(hist, above, thr)
+    chosen = digit - (1 << width) // 2  # the signed value of key* >> shift
+    rows, columns = ((keys >> shift) == chosen.to(keys.dtype)[:, None]).nonzero(as_tuple=True)
+    cand_keys, cand_masses = keys[rows, columns].long(), masses[rows, columns]
+    for shift, width in rest:
+        hist = digit_histogram(rows, cand_keys, cand_masses, shift, width, n_rows)
+        if reduce_histogram is not None:
+            reduce_histogram(hist)
+        digit, above = crossing_digit(hist, above, thr)
+        chosen = (chosen << width) | digit
+        keep = ((cand_keys >> shift) == chosen[rows]).nonzero()[:, 0]
+        rows, columns = rows[keep], columns[keep]
+        cand_keys, cand_masses = cand_keys[keep], cand_masses[keep]
+    return Threshold(chosen, above, rows, columns)
+
+
+def integer_masses(p: torch.Tensor) -> torch.Tensor:
+    """floor(p * 2**MASS_BITS) as float64 integers (p <= 1, so at most 2**MASS_BITS)."""
+    return p.to(torch.float64).mul_(2.0**MASS_BITS).floor_()
+
+
+def mass_threshold(total: torch.Tensor, mu: float) -> torch.Tensor:
+    """floor(mu * total), below total (so the crossing token always exists)."""
+    return torch.minimum((total * mu).floor(), total - 1)
+
+
+def head_mask(teacher: torch.Tensor, p: torch.Tensor, mu: float, include_crossing: bool):
+    """Boolean head mask of a block of rows: ``teacher`` the logits in their own dtype,
+    ``p`` their probabilities at the loss's temperature."""
     if mu >= 1.0:  # c_k <= 1 for every k: the whole vocabulary is head
-        return torch.ones_like(zt, dtype=torch.bool)
-    thr = mu * row_sum(p, dtype=torch.float64)
-    u_star, mass_gt, p_star, z_max = _crossing_value(zt, p, thr, mu)
-    # Tokens tied at u* enter in index order while the cumulative mass stays <= thr.
-    n_ties = torch.floor((thr - mass_gt) / p_star).nan_to_num(0.0).clamp_(0, vocab).long()
-    n_ties += int(include_crossing)
-    n_ties = torch.where(u_star >= z_max, n_ties.clamp(min=1), n_ties)  # top token forced
-    ties = zt == u_star[:, None]
-    tie_rank = ties.cumsum(dim=1) - 1
-    return (zt > u_star[:, None]) | (ties & (tie_rank < n_ties[:, None]))
+        return torch.ones_like(p, dtype=torch.bool)
+    keys = order_keys(teacher)
+    masses = integer_masses(p)
+    thr = mass_threshold(masses.sum(dim=1), mu)
+    star = threshold_key(keys, masses, thr, digit_plan(key_bits(teacher.dtype)))
+    head = keys > star.key.to(keys.dtype)[:, None]
+    # Every token at v* has the same mass w*; the i-th of them (in index order, from 1) is
+    # head while above + i w* <= thr (i - 1 with include_crossing), the top token always.
+    n_rows = keys.shape[0]
+    ties = torch.bincount(star.rows, minlength=n_rows)
+    unit = torch.bincount(star.rows, weights=masses[star.rows, star.columns], minlength=n_rows)
+    unit = (unit / ties.clamp(min=1)).clamp(min=1.0)  # exact: ties copies of one integer
+    fit = ((thr - star.above) / unit).floor().clamp(min=0.0) + int(include_crossing)
+    fit = torch.where(star.above == 0, fit.clamp(min=1.0), fit)
+    first = ties.cumsum(dim=0) - ties  # the tokens at v* come row by row, by index
+    rank = torch.arange(len(star.rows), device=keys.device) - first[star.rows] + 1
+    tied_in = rank <= fit[star.rows]
+    head[star.rows[tied_in], star.columns[tied_in]] = True
+    return head

@@ -29,18 +29,21 @@ from akl_kernels.backends.triton.forward import _divergence_forward_kernel
 LOGIT_TYPES = ("fp32", "bf16", "fp16")
 
 
-def _forward_source(s_type, t_type, head_split, pointwise, with_ce, settings):
+def _forward_source(s_type, t_type, head_split, pointwise, with_ce, settings, search):
     signature = {
         "s_ptr": f"*{s_type}", "t_ptr": f"*{t_type}", "valid_ptr": "*i8", "loss_ptr": "*fp32",
         "stats_ptr": "*fp32", "head_ptr": "*fp32", "count_ptr": "*i32", "labels_ptr": "*i64",
-        "parts_ptr": "*fp32", "V": "i32", "stride_s": "i32", "stride_t": "i32", "inv_t": "fp32",
+        "parts_ptr": "*fp32", "reads_ptr": "*i32", "V": "i32", "stride_s": "i32",
+        "stride_t": "i32", "inv_t": "fp32",
         "fkl_weight": "fp32", "pointwise": "i32", "param": "fp32", "log_wp": "fp32",
         "log_wq": "fp32", "tail": "fp32", "t_scale": "fp32", "kd_ratio": "fp32", "mu": "fp32",
         "span": "fp32", "include_crossing": "i32",
-        "HEAD_SPLIT": "constexpr", "POINTWISE": "constexpr", "WITH_CE": "constexpr",
+        "HEAD_SPLIT": "constexpr", "RADIX": "constexpr", "COUNT_READS": "constexpr",
+        "POINTWISE": "constexpr", "WITH_CE": "constexpr",
         "BLOCK": "constexpr", "SEARCH_BLOCK": "constexpr", "PIVOTS": "constexpr",
     }
-    constexprs = dict(HEAD_SPLIT=head_split, POINTWISE=pointwise, WITH_CE=with_ce,
+    constexprs = dict(HEAD_SPLIT=head_split, RADIX=search == "radix", COUNT_READS=False,
+                      POINTWISE=pointwise, WITH_CE=with_ce,
                       BLOCK=settings["BLOCK"], SEARCH_BLOCK=settings["SEARCH_BLOCK"],
                       PIVOTS=settings["PIVOTS"])
     return ASTSource(_divergence_forward_kernel, signature, constexprs=constexprs)
@@ -65,13 +68,15 @@ def specialisations():
     pairs = list(itertools.product(LOGIT_TYPES, LOGIT_TYPES))
     # The cross-entropy's code reads the student's dtype only: its variants are compiled for
     # the pairs of equal dtypes (every student dtype once).
-    for with_ce, ((head, point), settings), (s, t) in itertools.product(
+    for with_ce, ((head, point, search), settings), (s, t) in itertools.product(
             (False, True), forward_launches, pairs):
         if with_ce and s != t:
             continue
-        name = (f"forward[{s},{t},head_split={head},pointwise={point},ce={with_ce},"
+        split = f"head_split={head}" + (f",search={search}" if head else "")
+        name = (f"forward[{s},{t},{split},pointwise={point},ce={with_ce},"
                 f"BLOCK={settings['BLOCK']}]")
-        yield name, _forward_source(s, t, head, point, with_ce, settings), settings["num_warps"]
+        yield (name, _forward_source(s, t, head, point, with_ce, settings, search),
+               settings["num_warps"])
     for with_ce, settings, (s, t), point in itertools.product(
             (False, True), backward_launches, pairs, (False, True)):
         if with_ce and s != t:

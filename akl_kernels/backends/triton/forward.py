@@ -11,7 +11,9 @@ import triton.language as tl
 from akl_kernels.backends.torch.pointwise import tail_value
 from akl_kernels.backends.triton import launch
 from akl_kernels.backends.triton import stat_columns as stat
+from akl_kernels.backends.triton.radix_split import radix_threshold
 from akl_kernels.backends.triton.row_passes import (
+    float_key,
     head_gaps,
     head_threshold,
     mix_terms,
@@ -36,6 +38,7 @@ def _divergence_forward_kernel(
     count_ptr,
     labels_ptr,
     parts_ptr,
+    reads_ptr,
     V,
     stride_s,
     stride_t,
@@ -52,6 +55,8 @@ def _divergence_forward_kernel(
     span,
     include_crossing,
     HEAD_SPLIT: tl.constexpr,
+    RADIX: tl.constexpr,  # the head search: radix select (fixed reads) or the pivot search
+    COUNT_READS: tl.constexpr,  # debug: store the number of reads of the teacher row
     POINTWISE: tl.constexpr,  # the pointwise family (its sweep and code compiled in)
     WITH_CE: tl.constexpr,  # distillation_loss's fused cross-entropy (one more exp per entry)
     BLOCK: tl.constexpr,
@@ -66,6 +71,7 @@ def _divergence_forward_kernel(
         m_s, sum_s, m_t, sum_t, fkl, rkl, p_c, q_c, bad, sum_1 = softmax_kl_stats(
             s_row, t_row, V, inv_t, t_scale, WITH_CE, BLOCK
         )
+        reads = 1
         # A model whose logits are all -inf has no distribution: the divergence is NaN, as
         # for NaN or +inf logits.
         bad = bad | (sum_s == 0.0) | (sum_t == 0.0)
@@ -73,20 +79,34 @@ def _divergence_forward_kernel(
         logz_t = tl.log(sum_t)
         w_f = fkl_weight
         if HEAD_SPLIT:
-            u_star = tl.full([], float("-inf"), tl.float32)  # mu = 1: everything is head
+            key_star = tl.full([], -2147483648, tl.int32)  # mu = 1: everything is head
             n_ties = V
+            above = tl.zeros([], tl.int64)
+            thr = tl.zeros([], tl.int64)
             if (mu < 1.0) & (bad == 0):
-                u_star, above, thr = head_threshold(
-                    t_row, V, inv_t, m_t, mu, span, SEARCH_BLOCK, PIVOTS
-                )
-                # Ties at u* enter (in index order) while the cumulative mass stays <= thr.
-                e_star = tl.exp(u_star - m_t).to(tl.float64)
-                n_fit = tl.floor((thr - above) / e_star)
-                n_ties = tl.minimum(tl.maximum(n_fit, 0.0), V).to(tl.int32) + include_crossing
-                n_ties = tl.where(u_star >= m_t, tl.maximum(n_ties, 1), n_ties)  # top token
+                if RADIX:
+                    key_star, above, thr = radix_threshold(
+                        t_row, V, inv_t, m_t, logz_t, mu,
+                        t_ptr.dtype.element_ty.primitive_bitwidth, SEARCH_BLOCK
+                    )
+                    reads += 2 if t_ptr.dtype.element_ty.primitive_bitwidth == 16 else 3
+                else:
+                    u_star, mass_above, mass_thr, sweeps = head_threshold(
+                        t_row, V, inv_t, m_t, mu, span, SEARCH_BLOCK, PIVOTS
+                    )
+                    reads += sweeps
+                    key_star = float_key(u_star)
+                    # Ties at u* enter (in index order) while the cumulative mass <= thr.
+                    e_star = tl.exp(u_star - m_t).to(tl.float64)
+                    n_fit = tl.floor((mass_thr - mass_above) / e_star)
+                    n_ties = (tl.minimum(tl.maximum(n_fit, 0.0), V).to(tl.int32)
+                              + include_crossing)
+                    n_ties = tl.where(u_star >= m_t, tl.maximum(n_ties, 1), n_ties)  # top
             head_gap, tail_gap, head_count, head_mass = head_gaps(
-                s_row, t_row, V, inv_t, m_s, logz_s, m_t, logz_t, u_star, n_ties, BLOCK
+                s_row, t_row, V, inv_t, m_s, logz_s, m_t, logz_t, key_star, n_ties, above,
+                thr, include_crossing, RADIX, BLOCK
             )
+            reads += 1
             total = head_gap + tail_gap
             w_f = tl.where(total > 0, head_gap / tl.where(total > 0, total, 1.0), 0.5)
             head_row = head_ptr + row * _N_HEAD
@@ -106,6 +126,9 @@ def _divergence_forward_kernel(
                 s_row, t_row, V, inv_t, m_s, logz_s, m_t, logz_t, pointwise, param, log_wp,
                 log_wq, tail, BLOCK,
             )
+            reads += 1
+        if COUNT_READS:
+            tl.store(reads_ptr + row, reads)
         # NaN in every column the divergence's gradient reads: its gradient row is NaN too.
         nan = float("nan")
         loss = tl.where(bad == 0, loss, nan)
@@ -158,11 +181,32 @@ def pointwise_args(cfg) -> tuple:
 
 
 def search_span(vocab: int, mu: float) -> float:
-    """Bound on m_t - u* in logits (head_split.py gives the argument), plus rounding slack."""
+    """Bound on m_t - u* in logits for the pivot search, plus rounding slack.
+
+    With ``S`` the row's mass and ``e*`` the crossing token's probability, every token below
+    u* weighs less than e*, so ``(1 - mu) S <= V e*``; with ``p_max <= S`` that gives
+    ``log p_max - log e* <= log(V / (1 - mu))``: tokens farther below the top logit can never
+    hold the crossing.
+    """
     return math.log(vocab / (1.0 - mu)) + 2.0 if mu < 1.0 else 0.0
 
 
 def forward(s2d, t2d, valid, cfg, *, labels=None, head_stats=False) -> RowResult:
+    return _forward(s2d, t2d, valid, cfg, labels, head_stats, launch.head_search(), None)
+
+
+def teacher_reads(s2d, t2d, cfg, *, search=None) -> torch.Tensor:
+    """Debug: how many times the forward kernel reads each teacher row, [N] int32 (the
+    statistics sweep, the head search's sweeps, the gap sweep, the pointwise sweep). The
+    counting is compiled in only here; ``search`` is "radix" or "pivot" (default: as
+    forward)."""
+    reads = torch.zeros(s2d.shape[0], dtype=torch.int32, device=s2d.device)
+    valid = torch.ones(s2d.shape[0], dtype=torch.bool, device=s2d.device)
+    _forward(s2d, t2d, valid, cfg, None, False, search or launch.head_search(), reads)
+    return reads
+
+
+def _forward(s2d, t2d, valid, cfg, labels, head_stats, search, reads) -> RowResult:
     n_rows, vocab = s2d.shape
     device = s2d.device
     loss = torch.empty(n_rows, dtype=torch.float32, device=device)
@@ -176,7 +220,7 @@ def forward(s2d, t2d, valid, cfg, *, labels=None, head_stats=False) -> RowResult
     if labels is None:  # never read without WITH_CE; int64 keeps one compiled signature
         labels = torch.zeros(1, dtype=torch.int64, device=device)
     if n_rows > 0:
-        settings = launch.forward_launch(vocab, head_split)
+        settings = launch.forward_launch(vocab, head_split, search)
         _divergence_forward_kernel[(n_rows,)](
             s2d,
             t2d,
@@ -187,6 +231,7 @@ def forward(s2d, t2d, valid, cfg, *, labels=None, head_stats=False) -> RowResult
             count,
             labels,
             parts,
+            count if reads is None else reads,  # written only with COUNT_READS
             vocab,
             s2d.stride(0),
             t2d.stride(0),
@@ -199,6 +244,8 @@ def forward(s2d, t2d, valid, cfg, *, labels=None, head_stats=False) -> RowResult
             search_span(vocab, cfg.mu),
             int(cfg.include_crossing),
             HEAD_SPLIT=head_split,
+            RADIX=search == "radix",
+            COUNT_READS=reads is not None,
             POINTWISE=cfg.pointwise_code != 0,
             WITH_CE=cfg.with_ce,
             **settings,

@@ -13,12 +13,27 @@ N = 16384, V = 128256, bf16; confirmed in archive/h100-final), capped for small 
 
 import triton
 
+from akl_kernels.validation import environment_choice
+
 ROW_BLOCK = 2048
 STATS_ONLY_BLOCK = 1024
 SEARCH_BLOCK = 1024
 PIVOTS = 4
+# The radix passes hold [2**ceil(width/2), RADIX_BLOCK] float16 operands (up to 64 x 256 for
+# a float32 teacher's 11-bit digits); not yet measured on a GPU.
+RADIX_BLOCK = 256
 
 MIN_BLOCK = 128  # smaller rows run masked: fewer specialisations to compile and to test
+
+
+# The head search: "pivot" (data-dependent sweeps, measured on the H100) stays the default
+# until a GPU run has shown the radix select (a fixed 2 or 3 reads, radix_split.py) faster.
+HEAD_SEARCHES = ("pivot", "radix")
+DEFAULT_HEAD_SEARCH = "pivot"
+
+
+def head_search() -> str:
+    return environment_choice("AKL_TRITON_HEAD_SEARCH", HEAD_SEARCHES, DEFAULT_HEAD_SEARCH)
 
 
 def _block(vocab: int, cap: int) -> int:
@@ -29,13 +44,14 @@ def _warps(block: int) -> int:
     return 8 if block >= 1024 else 4
 
 
-def forward_launch(vocab: int, head_split: bool) -> dict:
+def forward_launch(vocab: int, head_split: bool, search: str = DEFAULT_HEAD_SEARCH) -> dict:
     if not head_split:
         launch = dict(BLOCK=_block(vocab, STATS_ONLY_BLOCK), SEARCH_BLOCK=MIN_BLOCK, PIVOTS=PIVOTS,
                       num_warps=4)
     else:
         block = _block(vocab, ROW_BLOCK)
-        launch = dict(BLOCK=block, SEARCH_BLOCK=_block(vocab, SEARCH_BLOCK), PIVOTS=PIVOTS,
+        search_block = RADIX_BLOCK if search == "radix" else _block(vocab, SEARCH_BLOCK)
+        launch = dict(BLOCK=block, SEARCH_BLOCK=search_block, PIVOTS=PIVOTS,
                       num_warps=_warps(block))
     return launch
 
@@ -45,15 +61,17 @@ def backward_launch(vocab: int) -> dict:
 
 
 def launch_space():
-    """Every forward launch the heuristic can produce, as ((head_split, pointwise), launch), and
-    every backward launch. The pointwise family runs the statistics-only launch."""
+    """Every forward launch the heuristic can produce, as ((head_split, pointwise, search),
+    launch), and every backward launch. The pointwise family runs the statistics-only
+    launch."""
     blocks = []
     block = MIN_BLOCK
     while block <= max(ROW_BLOCK, STATS_ONLY_BLOCK, 2048):
         blocks.append(block)
         block *= 2
-    variants = ((False, False), (True, False), (False, True))
-    forward = {(variant, tuple(sorted(forward_launch(b, variant[0]).items())))
+    variants = ((False, False, "pivot"), (True, False, "pivot"), (True, False, "radix"),
+                (False, True, "pivot"))
+    forward = {(variant, tuple(sorted(forward_launch(b, variant[0], variant[2]).items())))
                for b in blocks for variant in variants}
     backward = {tuple(sorted(backward_launch(b).items())) for b in blocks}
     return ([(variant, dict(x)) for variant, x in sorted(forward)],

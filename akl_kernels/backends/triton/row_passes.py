@@ -5,7 +5,8 @@ A program owns one row and sweeps it in ``BLOCK``-wide chunks; each helper below
 - ``softmax_kl_stats``: online max / sum-exp of both models plus the running FKL and RKL
   numerators (reads s and t once);
 - ``head_threshold``: the exact AKL crossing value ``u*`` of the teacher, by a bracketed
-  ``PIVOTS``-ary search over the teacher's float values (reads t a few times, no sort);
+  ``PIVOTS``-ary search over the teacher's float values (reads t a data-dependent number of
+  times, no sort); radix_split.py has the search in a fixed number of reads;
 - ``head_gaps``: ``sum |p - q|`` on the head and the tail (reads s and t once);
 - ``pointwise_sums``: ``sum_C f(p, q)`` and ``sum_C q df/dq`` of a pointwise divergence (JSD,
   skew KL, TVD; reads s and t once) with ``pointwise_terms``, the twin of
@@ -19,6 +20,8 @@ See docs/kernels.md for the bytes each pass moves.
 
 import triton
 import triton.language as tl
+
+from akl_kernels.backends.triton.radix_split import load_teacher_keys, teacher_mass
 
 
 @triton.jit
@@ -144,7 +147,8 @@ def _search_pivots(ka, kb, PIVOTS: tl.constexpr):
 
 @triton.jit
 def head_threshold(t_row, V, inv_t, m_t, mu, span, BLOCK: tl.constexpr, PIVOTS: tl.constexpr):
-    """The crossing value u* of the AKL split, the mass strictly above it, and thr.
+    """The crossing value u* of the AKL split, the mass strictly above it, thr, and the
+    number of sweeps (reads of the row) it took.
 
     Masses are of e = exp(zt - m_t); thr = mu * sum(e), summed in the first sweep exactly as
     the pivot masses are (so the comparisons below are consistent). u* is the largest teacher
@@ -152,7 +156,7 @@ def head_threshold(t_row, V, inv_t, m_t, mu, span, BLOCK: tl.constexpr, PIVOTS: 
     ``above`` is the mass of keys >= kb. Each sweep sums the mass at or above PIVOTS pivots
     (per lane, one reduction per sweep), keeps the bucket that holds u*, and shrinks it to the
     present values seen in the old bracket; the search ends when one key is left. ``span``
-    bounds m_t - u* (see head_split.py).
+    bounds m_t - u* (forward.search_span).
     """
     j = tl.arange(0, PIVOTS)
     ka = float_key(m_t - span).to(tl.int64)
@@ -161,7 +165,9 @@ def head_threshold(t_row, V, inv_t, m_t, mu, span, BLOCK: tl.constexpr, PIVOTS: 
     thr = tl.zeros([], tl.float64)
     first = tl.full([], 1, tl.int32)
     done = tl.zeros([], tl.int32)
+    sweeps = tl.zeros([], tl.int32)
     while done == 0:
+        sweeps += 1
         pivot_keys = _search_pivots(ka, kb, PIVOTS)
         pivots = key_float(pivot_keys)
         lo_val = key_float(ka)
@@ -195,14 +201,21 @@ def head_threshold(t_row, V, inv_t, m_t, mu, span, BLOCK: tl.constexpr, PIVOTS: 
         ka = new_ka
         kb = tl.maximum(new_kb, new_ka + 1)  # only inconsistent rounding could cross them
         done = (kb - ka <= 1).to(tl.int32)
-    return key_float(ka), above, thr
+    return key_float(ka), above, thr, sweeps
 
 
 @triton.jit
 def head_gaps(
-    s_row, t_row, V, inv_t, m_s, logz_s, m_t, logz_t, u_star, n_ties, BLOCK: tl.constexpr
+    s_row, t_row, V, inv_t, m_s, logz_s, m_t, logz_t, key_star, n_ties, above, thr,
+    include_crossing, RADIX: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """(head_gap, tail_gap, head_count, head_mass): head = {zt > u*} + first n_ties at u*."""
+    """(head_gap, tail_gap, head_count, head_mass) of the split at key* (one read of s and t).
+
+    The head is every token keyed above key* plus ties at key* in index order: the first
+    ``n_ties`` of them after the pivot search (keys of the scaled logits), or, after the radix
+    search (keys of the logits as given, radix_split.py), each tie whose cumulative integer
+    mass ``above + rank * w`` stays <= thr (one more with include_crossing; the top token
+    always)."""
     head_gap = tl.zeros([BLOCK], tl.float32)
     tail_gap = tl.zeros([BLOCK], tl.float32)
     head_mass = tl.zeros([BLOCK], tl.float32)
@@ -211,17 +224,27 @@ def head_gaps(
     for start in range(0, V, BLOCK):
         offs = start + tl.arange(0, BLOCK)
         in_row = offs < V
-        log_q, log_p, _, _, zt = load_log_probs(s_row, t_row, offs, V, inv_t, m_s, logz_s, m_t,
-                                                logz_t)
+        zs = load_scaled(s_row, offs, V, inv_t)
+        if RADIX:
+            key, zt = load_teacher_keys(t_row, offs, V, inv_t)
+        else:
+            zt = load_scaled(t_row, offs, V, inv_t)
+            key = float_key(zt)
+        log_p = (zt - m_t) - logz_t
         p = tl.exp(log_p)
-        err = tl.abs(p - tl.exp(log_q))
-        tie = (zt == u_star) & in_row
+        err = tl.abs(p - tl.exp((zs - m_s) - logz_s))
+        tie = (key == key_star) & in_row
         tie_i = tie.to(tl.int32)
         block_ties = tl.sum(tie_i)
-        head = (zt > u_star) & in_row
-        if block_ties > 0:  # ranks (a scan) only where u* occurs: ties enter in index order
+        head = (key > key_star) & in_row
+        if block_ties > 0:  # ranks (a scan) only where key* occurs: ties enter in index order
             tie_rank = ties_before + tl.cumsum(tie_i, axis=0) - 1
-            head = head | (tie & (tie_rank < n_ties))
+            if RADIX:
+                w = teacher_mass(zt, m_t, logz_t)
+                fits = above + (tie_rank + 1 - include_crossing).to(tl.int64) * w <= thr
+                head = head | (tie & (fits | ((above == 0) & (tie_rank == 0))))
+            else:
+                head = head | (tie & (tie_rank < n_ties))
         ties_before += block_ties
         head_gap += tl.where(head, err, 0.0)
         tail_gap += tl.where(head, 0.0, err)

@@ -1,19 +1,22 @@
 #!/usr/bin/env bash
-# The one prepared GPU check: at most 6 minutes on an H100.
+# The one prepared GPU check: at most 8 minutes on an H100 or H200.
 #   1. GPU parity tests at real sizes (N up to 16384, V in {32000, 128256, 262144}, bf16, fp32)
 #      and the peak-memory contract (tests/test_gpu.py), the fused linear losses at a real
 #      vocabulary (tests/test_fused_linear.py), the divergence family's and distillation_loss's
-#      parity suites on CUDA tensors, then the CPU suite's tie, -inf, identical-model and
-#      strided-view cases on CUDA tensors;
+#      parity suites and the head split's bounded-reads suite on CUDA tensors, then the CPU
+#      suite's tie, -inf, identical-model and strided-view cases on CUDA tensors;
 #   2. the fused linear benchmark (N = 8192, H = 4096, V = 128256, bf16): fused
 #      against the unfused path and Liger-Kernel's fused linear JSD (when installed);
 #   3. akl-bench's GPU grid (N = 16384, V in {32000, 128256, 151936, 262144}, bf16 and fp32,
 #      flat and peaked teachers): Triton against the floor, the official-style reference eager
 #      and under torch.compile (AKL), Liger-Kernel (when installed) and F.kl_div, in that
 #      priority within a time budget (the torch backend, CUDA's slow fallback, is left out:
-#      run akl-bench --impls triton torch for it).
-# Writes 8 files under $OUT (default benchmarks/results/local): device.txt, gpu_tests.log,
-# fused_linear.{json,md}, bench_cuda.{json,md} and a PNG per dtype.
+#      run akl-bench --impls triton torch for it);
+#   4. the two exact head searches side by side (benchmarks/head_search.py: AKL with the pivot
+#      search and with the radix select against FKL and the floor, N = 16384, V in {32000,
+#      128256, 262144}, bf16, flat and peaked, with the reads of the teacher row each made).
+# Writes 10 files under $OUT (default benchmarks/results/local): device.txt, gpu_tests.log,
+# fused_linear.{json,md}, bench_cuda.{json,md}, a PNG per dtype and head_search.{json,md}.
 # Usage, from the repository root on a CUDA machine:  OUT=some/dir bash benchmarks/gpu_check.sh
 set -uo pipefail
 OUT="${OUT:-benchmarks/results/local}"
@@ -28,8 +31,9 @@ export PYTHONUNBUFFERED=1
     || echo "liger-kernel not installed: its rows are skipped"
 } 2>&1 | tee "$OUT/device.txt"
 
-timeout 130 "$PY" -m pytest tests/test_gpu.py tests/test_fused_linear.py \
-  tests/test_divergence_family.py tests/test_distillation.py -q -p no:cacheprovider \
+timeout 150 "$PY" -m pytest tests/test_gpu.py tests/test_fused_linear.py \
+  tests/test_divergence_family.py tests/test_distillation.py tests/test_head_split.py \
+  -q -p no:cacheprovider \
   -o addopts="" -rfE 2>&1 | tee "$OUT/gpu_tests.log"
 tests_rc=${PIPESTATUS[0]}
 timeout 30 "$PY" -m pytest tests/test_edge_cases.py -q -p no:cacheprovider -o addopts="" -rfE \
@@ -45,6 +49,10 @@ timeout $((BENCH_BUDGET_S + 40)) "$PY" -m benchmarks --out "$OUT" --budget-s "$B
   --compile-losses akl --impls triton official official+compile liger_jsd liger_kldiv kl_div
 bench_rc=$?
 
+timeout 90 "$PY" -m benchmarks.head_search --out "$OUT"
+search_rc=$?
+
 echo "gpu_check: tests rc=$tests_rc, edge-case tests rc=$edge_rc, fused linear rc=$fused_rc," \
-  "benchmark rc=$bench_rc (124 = timed out)"
-[ "$tests_rc" = 0 ] && [ "$edge_rc" = 0 ] && [ "$fused_rc" = 0 ] && [ "$bench_rc" = 0 ]
+  "benchmark rc=$bench_rc, head search rc=$search_rc (124 = timed out)"
+[ "$tests_rc" = 0 ] && [ "$edge_rc" = 0 ] && [ "$fused_rc" = 0 ] && [ "$bench_rc" = 0 ] \
+  && [ "$search_rc" = 0 ]

@@ -24,6 +24,7 @@ def test_every_specialisation_compiles_for_sm80_and_sm90():
     names = {r["kernel"] for r in records}
     assert any("head_split=True" in n for n in names)
     assert any("head_split=False" in n for n in names)
+    assert any("search=radix" in n for n in names) and any("search=pivot" in n for n in names)
     assert any(n.startswith("grad[") for n in names)
     assert {r["arch"] for r in records} == {80, 90}
     failed = [r for r in records if "error" in r]

@@ -140,3 +140,17 @@ def test_the_peaked_teacher_times_only_the_losses_that_depend_on_it():
     cases, _ = cli.plan(args, "cpu")
     assert {c.kind for c in cases if c.teacher == "peaked"} == {"akl"}
     assert {c.kind for c in cases if c.teacher == "flat"} == {"fkl", "rkl", "akl"}
+
+
+def test_the_head_search_benchmark_times_both_searches_and_counts_their_reads(tmp_path):
+    from benchmarks import head_search
+
+    records = head_search.main(["--device", "cpu", "--n", "2", "--vocab", "300", "--dtypes",
+                                "bfloat16", "float32", "--teachers", "flat", "--out",
+                                str(tmp_path)])
+    assert [r["dtype"] for r in records] == ["bfloat16", "float32"]
+    for r, passes in zip(records, (2, 3), strict=True):
+        assert r["radix_reads_max"] == r["radix_reads_mean"] == 1 + passes + 1
+        assert r["pivot_reads_max"] >= 3
+        assert r["akl_pivot_ms"] > 0 and r["akl_radix_ms"] > 0 and r["fkl_ms"] > 0
+    assert "AKL radix" in (tmp_path / "head_search.md").read_text()

@@ -35,7 +35,7 @@ def _sample_rows(n, gen):
 
 @pytest.mark.parametrize("n,vocab,dtype", SIZES)
 @pytest.mark.parametrize("teacher", ["flat", "peaked"])
-def test_parity_at_real_sizes(rng, n, vocab, dtype, teacher):
+def test_parity_at_real_sizes(rng, monkeypatch, n, vocab, dtype, teacher):
     seed = int(torch.randint(0, 2**31, (1,), generator=rng))
     student, teacher_logits = make_inputs(n, vocab, dtype, teacher, "cuda", seed=seed)
     rows = _sample_rows(n, rng).cuda()
@@ -56,6 +56,9 @@ def test_parity_at_real_sizes(rng, n, vocab, dtype, teacher):
     stats = akl_kernels.head_tail_stats(student, teacher_logits, temperature=1.3)
     ref_stats = reference.reference_head_tail_stats(s_ref, t_ref, temperature=1.3)
     assert torch.equal(stats.head_count[rows][clear], ref_stats.head_count[clear])
+    monkeypatch.setenv("AKL_TRITON_HEAD_SEARCH", "radix")  # the bounded-pass search too
+    radix = akl_kernels.head_tail_stats(student, teacher_logits, temperature=1.3)
+    assert torch.equal(radix.head_count[rows][clear], ref_stats.head_count[clear])
 
 
 @pytest.mark.parametrize("vocab", [32000, 128256])

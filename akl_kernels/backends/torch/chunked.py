@@ -31,8 +31,8 @@ from akl_kernels.row_results import RowStat as S
 from akl_kernels.validation import environment_megabytes
 
 DEFAULT_WORKING_SET_MB = 128
-# On CPU a chunk that stays in the caches is faster: on 2 cores (N 4096, V 32000) FKL forward +
-# backward took 0.66-0.94 s with 8 MiB chunks against 1.1-1.3 s with 16-128 MiB. AKL's split
+# On CPU a chunk that stays in the caches is faster: on 2 cores (N 4096, V 32000) bf16 FKL
+# forward + backward took 0.66-0.94 s with 8 MiB chunks, 0.95-2.5 s with 16-128 MiB. AKL's split
 # costs more per chunk, which more rows amortise (2.1-2.4 s at 32 MiB, 2.3-2.9 s at 16 MiB).
 CPU_WORKING_SET_MB = {"akl": 32.0}
 CPU_DEFAULT_WORKING_SET_MB = 8.0

@@ -84,8 +84,11 @@ def threshold_key(keys, masses, thr, plan, reduce_histogram=None) -> Threshold:
         reduce_histogram(hist)
     digit, above = crossing_digit(hist, above, thr)
     chosen = digit - (1 << width) // 2  # the signed value of key* >> shift
-    rows, columns = ((keys >> shift) == chosen.to(keys.dtype)[:, None]).nonzero(as_tuple=True)
-    cand_keys, cand_masses = keys[rows, columns].long(), masses[rows, columns]
+    vocab = keys.shape[1]
+    flat = ((keys >> shift) == chosen.to(keys.dtype)[:, None]).view(-1).nonzero()[:, 0]
+    rows, columns = flat // vocab, flat % vocab
+    cand_keys = keys.view(-1).index_select(0, flat).long()
+    cand_masses = masses.view(-1).index_select(0, flat)
     for shift, width in rest:
         hist = digit_histogram(rows, cand_keys, cand_masses, shift, width, n_rows)
         if reduce_histogram is not None:
@@ -99,8 +102,9 @@ def threshold_key(keys, masses, thr, plan, reduce_histogram=None) -> Threshold:
 
 
 def integer_masses(p: torch.Tensor) -> torch.Tensor:
-    """floor(p * 2**MASS_BITS) as float64 integers (p <= 1, so at most 2**MASS_BITS)."""
-    return p.to(torch.float64).mul_(2.0**MASS_BITS).floor_()
+    """floor(p * 2**MASS_BITS) as float64 integers (p <= 1, so at most 2**MASS_BITS). Exact in
+    p's own dtype already: scaling by a power of two is exact, and so is the floor."""
+    return (p * 2.0**MASS_BITS).floor_().to(torch.float64)
 
 
 def mass_threshold(total: torch.Tensor, mu: float) -> torch.Tensor:

@@ -64,6 +64,7 @@ class Threshold(NamedTuple):
     above: torch.Tensor  # [R] the mass of the keys above v*
     rows: torch.Tensor  # the tokens keyed v*, as (row, column) in row-major order
     columns: torch.Tensor
+    masses: torch.Tensor  # and their masses
 
 
 def threshold_key(keys, masses, thr, plan, reduce_histogram=None) -> Threshold:
@@ -98,7 +99,7 @@ def threshold_key(keys, masses, thr, plan, reduce_histogram=None) -> Threshold:
         keep = ((cand_keys >> shift) == chosen[rows]).nonzero()[:, 0]
         rows, columns = rows[keep], columns[keep]
         cand_keys, cand_masses = cand_keys[keep], cand_masses[keep]
-    return Threshold(chosen, above, rows, columns)
+    return Threshold(chosen, above, rows, columns, cand_masses)
 
 
 def integer_masses(p: torch.Tensor) -> torch.Tensor:
@@ -126,7 +127,7 @@ def head_mask(teacher: torch.Tensor, p: torch.Tensor, mu: float, include_crossin
     # head while above + i w* <= thr (i - 1 with include_crossing), the top token always.
     n_rows = keys.shape[0]
     ties = torch.bincount(star.rows, minlength=n_rows)
-    unit = torch.bincount(star.rows, weights=masses[star.rows, star.columns], minlength=n_rows)
+    unit = torch.bincount(star.rows, weights=star.masses, minlength=n_rows)
     unit = (unit / ties.clamp(min=1)).clamp(min=1.0)  # exact: ties copies of one integer
     fit = ((thr - star.above) / unit).floor().clamp(min=0.0) + int(include_crossing)
     fit = torch.where(star.above == 0, fit.clamp(min=1.0), fit)

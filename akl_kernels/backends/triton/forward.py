@@ -85,16 +85,14 @@ def _divergence_forward_kernel(
             thr = tl.zeros([], tl.int64)
             if (mu < 1.0) & (bad == 0):
                 if RADIX:
-                    key_star, above, thr = radix_threshold(
+                    key_star, above, thr, sweeps = radix_threshold(
                         t_row, V, inv_t, m_t, logz_t, mu,
                         t_ptr.dtype.element_ty.primitive_bitwidth, SEARCH_BLOCK
                     )
-                    reads += 2 if t_ptr.dtype.element_ty.primitive_bitwidth == 16 else 3
                 else:
                     u_star, mass_above, mass_thr, sweeps = head_threshold(
                         t_row, V, inv_t, m_t, mu, span, SEARCH_BLOCK, PIVOTS
                     )
-                    reads += sweeps
                     key_star = float_key(u_star)
                     # Ties at u* enter (in index order) while the cumulative mass <= thr.
                     e_star = tl.exp(u_star - m_t).to(tl.float64)
@@ -102,6 +100,7 @@ def _divergence_forward_kernel(
                     n_ties = (tl.minimum(tl.maximum(n_fit, 0.0), V).to(tl.int32)
                               + include_crossing)
                     n_ties = tl.where(u_star >= m_t, tl.maximum(n_ties, 1), n_ties)  # top
+                reads += sweeps
             head_gap, tail_gap, head_count, head_mass = head_gaps(
                 s_row, t_row, V, inv_t, m_s, logz_s, m_t, logz_t, key_star, n_ties, above,
                 thr, include_crossing, RADIX, BLOCK

@@ -107,8 +107,8 @@ def _digit_pass(t_row, V, inv_t, m_t, logz_t, mu, thr, above, chosen, SHIFT: tl.
 @triton.jit
 def radix_threshold(t_row, V, inv_t, m_t, logz_t, mu, KEY_BITS: tl.constexpr,
                     BLOCK: tl.constexpr):
-    """(key*, the mass above it, thr) of the row: 2 reads of a 16-bit teacher, 3 of a
-    float32 one."""
+    """(key*, the mass above it, thr, the number of reads of the row it made): 2 for a 16-bit
+    teacher, 3 for a float32 one."""
     chosen = tl.zeros([], tl.int32)
     above = tl.zeros([], tl.int64)
     thr = tl.zeros([], tl.int64)
@@ -117,6 +117,7 @@ def radix_threshold(t_row, V, inv_t, m_t, logz_t, mu, KEY_BITS: tl.constexpr,
                                          chosen, K16_SHIFT_0, K16_WIDTH_0, True, BLOCK)
         chosen, above, thr = _digit_pass(t_row, V, inv_t, m_t, logz_t, mu, thr, above,
                                          chosen, K16_SHIFT_1, K16_WIDTH_1, False, BLOCK)
+        reads = tl.full([], 2, tl.int32)
     else:  # 4x the bins of a 16-bit digit: half the chunk keeps the operands in registers
         chosen, above, thr = _digit_pass(t_row, V, inv_t, m_t, logz_t, mu, thr, above,
                                          chosen, K32_SHIFT_0, K32_WIDTH_0, True, BLOCK // 2)
@@ -124,4 +125,5 @@ def radix_threshold(t_row, V, inv_t, m_t, logz_t, mu, KEY_BITS: tl.constexpr,
                                          chosen, K32_SHIFT_1, K32_WIDTH_1, False, BLOCK // 2)
         chosen, above, thr = _digit_pass(t_row, V, inv_t, m_t, logz_t, mu, thr, above,
                                          chosen, K32_SHIFT_2, K32_WIDTH_2, False, BLOCK // 2)
-    return chosen, above, thr
+        reads = tl.full([], 3, tl.int32)
+    return chosen, above, thr, reads

@@ -40,6 +40,7 @@ from akl_kernels.modules import (
     TVDLoss,
 )
 from akl_kernels.row_results import HeadTailStats
+from akl_kernels.topk_teacher import TopKTeacher, topk_teacher
 
 __all__ = [
     "AKLLoss",
@@ -59,6 +60,7 @@ __all__ = [
     "SkewFKLLoss",
     "SkewRKLLoss",
     "TVDLoss",
+    "TopKTeacher",
     "akl_loss",
     "distillation_loss",
     "divergence_loss",
@@ -74,6 +76,7 @@ __all__ = [
     "rkl_loss",
     "skew_fkl_loss",
     "skew_rkl_loss",
+    "topk_teacher",
     "tvd_loss",
 ]
 __version__ = "0.1.0"

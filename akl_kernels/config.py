@@ -49,10 +49,17 @@ class LossConfig:
     param: float = 0.0
     with_ce: bool = False
     kd_ratio: float = 1.0
+    # "" for a dense teacher (logits); a sparse teacher's tail rule, "bucket" or "renormalize"
+    # (docs/contract.md §6), when the teacher comes as a TopKTeacher.
+    tail: str = ""
 
     @property
     def needs_head_split(self) -> bool:
         return self.kind == "akl"
+
+    @property
+    def sparse(self) -> bool:
+        return bool(self.tail)
 
     @property
     def fkl_weight(self) -> float:
@@ -87,10 +94,12 @@ def schema_arguments() -> str:
                      for field in dataclasses.fields(LossConfig))
 
 
-def make_config(divergence, options=None, *, temperature=1.0, kd_ratio=None) -> LossConfig:
+def make_config(divergence, options=None, *, temperature=1.0, kd_ratio=None,
+                tail="") -> LossConfig:
     """The checked ``LossConfig`` of ``divergence`` with its keyword ``options`` (``mu``,
     ``include_crossing``, ``beta``, ``lam``); ``kd_ratio`` given means ``distillation_loss``
-    (the fused cross-entropy). Raises TypeError/ValueError naming the bad argument."""
+    (the fused cross-entropy); ``tail`` a sparse teacher's tail rule. Raises
+    TypeError/ValueError naming the bad argument."""
     options = dict(options or {})
     if not isinstance(divergence, str):
         raise TypeError(f"divergence must be a str, one of {DIVERGENCES}, got "
@@ -112,6 +121,8 @@ def make_config(divergence, options=None, *, temperature=1.0, kd_ratio=None) -> 
     with_ce = kd_ratio is not None
     if with_ce:
         checks.check_unit_interval("kd_ratio", kd_ratio)
+    if tail:
+        checks.check_tail(tail)
     kind = _SAME_AS.get((divergence, float(param)), divergence)
     return LossConfig(kind, float(mu), include_crossing, float(temperature), float(param),
-                      with_ce, float(kd_ratio) if with_ce else 1.0)
+                      with_ce, float(kd_ratio) if with_ce else 1.0, tail)

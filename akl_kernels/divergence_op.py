@@ -19,18 +19,31 @@ import torch
 from akl_kernels import validation as checks
 from akl_kernels.backends import get_backend
 from akl_kernels.config import LossConfig, schema_arguments
-from akl_kernels.row_results import N_ROW_STATS, HeadTailStats, RowResult, loss_dtype
+from akl_kernels.row_results import (
+    N_ROW_STATS,
+    N_TOPK_STATS,
+    HeadTailStats,
+    RowResult,
+    loss_dtype,
+)
 
 _CONFIG = schema_arguments()
 
 
-def _forward(student, teacher, valid, labels, backend, *fields_and_flags):
+def _forward(student, teacher, teacher_indices, valid, labels, backend, *fields_and_flags):
     *fields, head_stats, check_values = fields_and_flags
     cfg = LossConfig(*fields)
     if cfg.with_ce and check_values:
         checks.check_class_labels(labels, valid, student.shape[-1])
-    result = get_backend(backend).forward(student, teacher, valid, cfg, labels=labels,
-                                          head_stats=head_stats)
+    chosen = get_backend(backend)
+    if cfg.sparse:
+        if check_values:
+            checks.check_topk_values(teacher_indices, teacher, student.shape[-1])
+        result = chosen.topk_forward(student, teacher_indices, teacher, valid, cfg,
+                                     labels=labels, head_stats=head_stats)
+    else:
+        result = chosen.forward(student, teacher, valid, cfg, labels=labels,
+                                head_stats=head_stats)
     # Absent outputs are empty tensors (an operator returns tensors), each its own: outputs
     # must not alias one another.
     def empty(*shape, dtype=result.loss.dtype):
@@ -46,33 +59,40 @@ def _forward(student, teacher, valid, labels, backend, *fields_and_flags):
 
 _forward_op = torch.library.custom_op(
     "akl_kernels::divergence_rows", _forward, mutates_args=(),
-    schema=f"(Tensor student, Tensor teacher, Tensor valid, Tensor? labels, str backend, "
+    schema=f"(Tensor student, Tensor teacher, Tensor? teacher_indices, Tensor valid, "
+           f"Tensor? labels, str backend, "
            f"{_CONFIG}, bool head_stats, bool check_values) "
            "-> (Tensor, Tensor, Tensor, Tensor, Tensor)")
 
 
 @_forward_op.register_fake
-def _forward_fake(student, teacher, valid, labels, backend, *fields_and_flags):
+def _forward_fake(student, teacher, teacher_indices, valid, labels, backend, *fields_and_flags):
     *fields, head_stats, _ = fields_and_flags
     cfg = LossConfig(*fields)
     n = student.shape[0]
     dtype = loss_dtype(student, teacher)
     new = lambda *shape, dtype=dtype: student.new_empty(shape, dtype=dtype)  # noqa: E731
     heads = n if head_stats and cfg.needs_head_split else 0
-    return (new(n), new(n, N_ROW_STATS), new(n if cfg.with_ce else 0, 2), new(heads, 4),
+    n_stats = N_TOPK_STATS if cfg.sparse else N_ROW_STATS
+    return (new(n), new(n, n_stats), new(n if cfg.with_ce else 0, 2), new(heads, 4),
             new(heads, dtype=torch.int64))
 
 
-def _grad(student, teacher, valid, row_stats, grad_rows, labels, backend, *fields):
+def _grad(student, teacher, teacher_indices, valid, row_stats, grad_rows, labels, backend,
+          *fields):
     coef = torch.where(valid, grad_rows, torch.zeros_like(grad_rows))  # ignored rows: exactly 0
-    return get_backend(backend).backward(student, teacher, row_stats, coef, LossConfig(*fields),
-                                         labels=labels)
+    cfg = LossConfig(*fields)
+    if cfg.sparse:
+        return get_backend(backend).topk_backward(student, teacher_indices, teacher, row_stats,
+                                                  coef, cfg, labels=labels)
+    return get_backend(backend).backward(student, teacher, row_stats, coef, cfg, labels=labels)
 
 
 _grad_op = torch.library.custom_op(
     "akl_kernels::divergence_grad", _grad, mutates_args=(),
-    schema=f"(Tensor student, Tensor teacher, Tensor valid, Tensor row_stats, Tensor grad_rows, "
-           f"Tensor? labels, str backend, {_CONFIG}) -> Tensor")
+    schema=f"(Tensor student, Tensor teacher, Tensor? teacher_indices, Tensor valid, "
+           f"Tensor row_stats, Tensor grad_rows, Tensor? labels, str backend, {_CONFIG}) "
+           "-> Tensor")
 
 
 @_grad_op.register_fake
@@ -90,17 +110,17 @@ _grad_op.register_autograd(refuse_double_backward)
 
 
 def _setup_context(ctx, inputs, output):
-    student, teacher, valid, labels, backend, *fields_and_flags = inputs
-    ctx.save_for_backward(student, teacher, valid, output[1], labels)
+    student, teacher, teacher_indices, valid, labels, backend, *fields_and_flags = inputs
+    ctx.save_for_backward(student, teacher, teacher_indices, valid, output[1], labels)
     ctx.options = (backend, *fields_and_flags[:-2])  # without head_stats and check_values
     ctx.n_inputs = len(inputs)
     ctx.mark_non_differentiable(*output[1:])
 
 
 def _backward(ctx, grad_rows, *_):
-    student, teacher, valid, row_stats, labels = ctx.saved_tensors
-    grad = _grad_op(student, teacher, valid, row_stats, grad_rows.to(row_stats.dtype), labels,
-                    *ctx.options)
+    student, teacher, teacher_indices, valid, row_stats, labels = ctx.saved_tensors
+    grad = _grad_op(student, teacher, teacher_indices, valid, row_stats,
+                    grad_rows.to(row_stats.dtype), labels, *ctx.options)
     return grad, *([None] * (ctx.n_inputs - 1))
 
 
@@ -109,12 +129,16 @@ _forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 def divergence_rows(student: torch.Tensor, teacher: torch.Tensor, valid: torch.Tensor,
                     cfg: LossConfig, *, backend: str, labels: torch.Tensor | None = None,
-                    head_stats: bool = False, check_values: bool = True) -> RowResult:
+                    head_stats: bool = False, check_values: bool = True,
+                    teacher_indices: torch.Tensor | None = None) -> RowResult:
     """Each row's loss (differentiable in ``student``, 0 at rows where ``valid`` is False),
     statistics, AKL split (``head_stats``) and (divergence, cross-entropy) parts (``cfg.with_ce``)
-    for rows ``student``, ``teacher`` [N, V] and ``labels`` [N] int64 or None."""
+    for rows ``student``, ``teacher`` [N, V] and ``labels`` [N] int64 or None. A sparse teacher
+    (``cfg.sparse``) comes as ``teacher`` its [N, k] log-probabilities and ``teacher_indices``
+    [N, k] int64."""
     loss, row_stats, parts, head, head_count = _forward_op(
-        student, teacher, valid, labels, backend, *cfg.fields(), head_stats, check_values)
+        student, teacher, teacher_indices, valid, labels, backend, *cfg.fields(), head_stats,
+        check_values)
     split = None
     if head_stats and cfg.needs_head_split:
         split = HeadTailStats(head[:, 0], head[:, 1], head[:, 2], head_count, head[:, 3])

@@ -12,8 +12,15 @@ from akl_kernels import validation as checks
 from akl_kernels.backends import resolve_backend
 from akl_kernels.config import make_config
 from akl_kernels.fused_linear_op import fused_linear_rows
-from akl_kernels.losses import DistillationOutput, valid_rows
+from akl_kernels.losses import (
+    DistillationOutput,
+    tail_of,
+    teacher_rows,
+    teacher_tensors,
+    valid_rows,
+)
 from akl_kernels.row_results import reduce_rows
+from akl_kernels.topk_teacher import TopKTeacher
 
 
 def _fused_linear(cfg, student_hidden, student_weight, labels, *, teacher_hidden,
@@ -30,11 +37,14 @@ def _fused_linear(cfg, student_hidden, student_weight, labels, *, teacher_hidden
     checks.check_bool("check_values", check_values)
     teacher = dict(teacher_hidden=teacher_hidden, teacher_weight=teacher_weight,
                    teacher_bias=teacher_bias, teacher_logits=teacher_logits)
-    backend = resolve_backend(backend, student_hidden,
-                              *(t for t in (teacher_logits, teacher_hidden) if t is not None))
+    backend = resolve_backend(backend, student_hidden, *teacher_tensors(teacher_logits),
+                              *teacher_tensors(teacher_hidden))
     lead = student_hidden.shape[:-1]
     hidden = student_hidden.reshape(-1, student_hidden.shape[-1])
     n_rows = hidden.shape[0]
+    if isinstance(teacher_logits, TopKTeacher):
+        sparse = teacher_rows(teacher_logits)
+        teacher.update(teacher_logits=sparse.values, teacher_indices=sparse.indices)
     if teacher_hidden is not None:
         teacher["teacher_hidden"] = teacher_hidden.reshape(n_rows, teacher_hidden.shape[-1])
     valid = valid_rows(labels, ignore_index, n_rows, hidden.device)
@@ -55,12 +65,14 @@ def fused_linear_loss(student_hidden, student_weight, labels=None, *, divergence
     "skew_rkl", "tvd", "mixed_kl", with its options by keyword as in ``distillation_loss``)
     between ``student_hidden @ student_weight.T + student_bias`` and the teacher's logits, given
     as ``teacher_hidden @ teacher_weight.T + teacher_bias`` (the hidden sizes may differ) or as
-    ``teacher_logits``. Neither model's logits are stored whole; they are computed in float32
+    ``teacher_logits`` (logits, or a ``TopKTeacher``: then nothing of size N x V exists at
+    all). Neither model's logits are stored whole; they are computed in float32
     in row chunks (``chunk_size`` rows; by default from V and a 256 MiB budget,
     ``AKL_FUSED_LINEAR_BUDGET_MB``). Gradients flow to the student's hidden states, weight and
     bias. Reductions, ``labels`` and ``ignore_index`` as in ``akl_loss``. One host sync per call
     finds the rows that are not ignored."""
-    cfg = make_config(divergence, divergence_options, temperature=temperature)
+    cfg = make_config(divergence, divergence_options, temperature=temperature,
+                      tail=tail_of(teacher_logits))
     loss, _ = _fused_linear(
         cfg, student_hidden, student_weight, labels, teacher_hidden=teacher_hidden,
         teacher_weight=teacher_weight, teacher_logits=teacher_logits, student_bias=student_bias,
@@ -99,7 +111,7 @@ def fused_linear_distillation_loss(student_hidden, student_weight, labels, *, di
     if labels is None:
         raise ValueError("labels are required: they are the cross-entropy's targets")
     cfg = make_config(divergence, divergence_options, temperature=temperature,
-                      kd_ratio=kd_ratio)
+                      kd_ratio=kd_ratio, tail=tail_of(teacher_logits))
     checks.check_bool("return_parts", return_parts)
     loss, parts = _fused_linear(
         cfg, student_hidden, student_weight, labels, teacher_hidden=teacher_hidden,

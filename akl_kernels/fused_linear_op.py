@@ -22,15 +22,18 @@ from akl_kernels.config import LossConfig, schema_arguments
 from akl_kernels.divergence_op import refuse_double_backward
 from akl_kernels.fused_linear_sweeps import (
     GivenLogits,
+    GivenTopK,
     LinearHead,
     backward_sweep,
     forward_sweep,
     plan_tiles,
 )
-from akl_kernels.row_results import N_ROW_STATS, as_rows, loss_dtype
+from akl_kernels.row_results import N_ROW_STATS, N_TOPK_STATS, as_rows, loss_dtype
 
 _TENSORS = ("Tensor hidden, Tensor weight, Tensor? bias, Tensor? teacher_hidden, "
-            "Tensor? teacher_weight, Tensor? teacher_bias, Tensor? teacher_logits, Tensor valid")
+            "Tensor? teacher_weight, Tensor? teacher_bias, Tensor? teacher_logits, "
+            "Tensor? teacher_indices, Tensor valid")
+_N_TENSORS = _TENSORS.count("Tensor")
 _OPTIONS = f"int chunk_size, str backend, {schema_arguments()}"
 
 
@@ -40,9 +43,11 @@ def _pick(x, rows):
 
 
 def _heads(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, teacher_logits,
-           rows):
+           teacher_indices, rows):
     """The student's and the teacher's head over the valid rows."""
     student = LinearHead(_pick(hidden, rows), weight, bias)
+    if teacher_indices is not None:
+        return student, GivenTopK(_pick(teacher_indices, rows), _pick(teacher_logits, rows))
     if teacher_logits is not None:  # the backends take any row stride: no copy
         return student, GivenLogits(as_rows(teacher_logits), rows)
     if teacher_hidden is not None:
@@ -54,6 +59,14 @@ def _valid_indices(valid):
     """The valid rows' indices, or None when every row is (one host sync: nonzero)."""
     rows = valid.nonzero()[:, 0]
     return None if rows.numel() == valid.numel() else rows
+
+
+def _stats_width(cfg, teacher_indices):
+    """Per-row statistics kept between the sweeps; a sparse teacher's include its categories'
+    unit gradient (fused_linear_sweeps.forward_sweep)."""
+    if teacher_indices is None:
+        return N_ROW_STATS
+    return N_TOPK_STATS + teacher_indices.shape[1] + (cfg.tail == "bucket")
 
 
 def _tiles(hidden, weight, teacher_hidden, teacher_logits, n_valid, chunk_size):
@@ -72,17 +85,19 @@ def _scatter_rows(values, rows, n_rows):
 
 
 def _forward(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, teacher_logits,
-             valid, labels, chunk_size, backend, *fields_and_flag):
+             teacher_indices, valid, labels, chunk_size, backend, *fields_and_flag):
     *fields, check_values = fields_and_flag
     cfg = LossConfig(*fields)
     if cfg.with_ce and check_values:
         checks.check_class_labels(labels, valid, weight.shape[0])
+    if teacher_indices is not None and check_values:
+        checks.check_topk_values(teacher_indices, teacher_logits, weight.shape[0])
     n_rows = hidden.shape[0]
     rows = _valid_indices(valid)
     n_valid = n_rows if rows is None else rows.numel()
     tiles = _tiles(hidden, weight, teacher_hidden, teacher_logits, n_valid, chunk_size)
     loss = hidden.new_zeros(n_rows, dtype=tiles.dtype)
-    row_stats = hidden.new_zeros(n_rows, N_ROW_STATS, dtype=tiles.dtype)
+    row_stats = hidden.new_zeros(n_rows, _stats_width(cfg, teacher_indices), dtype=tiles.dtype)
     parts = hidden.new_zeros(n_rows if cfg.with_ce else 0, 2, dtype=tiles.dtype)
     if n_valid == 0:
         return loss, row_stats, parts
@@ -90,7 +105,7 @@ def _forward(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias,
     # layer promises are computed with autocast off, in the inputs' own dtypes.
     with torch.autocast(hidden.device.type, enabled=False):
         student, teacher = _heads(hidden, weight, bias, teacher_hidden, teacher_weight,
-                                  teacher_bias, teacher_logits, rows)
+                                  teacher_bias, teacher_logits, teacher_indices, rows)
         row_loss, stats, row_parts = forward_sweep(student, teacher, _pick(labels, rows), cfg,
                                                    get_backend(backend), tiles)
     loss = _scatter_rows(row_loss, rows, n_rows)
@@ -108,17 +123,20 @@ _forward_op = torch.library.custom_op(
 
 @_forward_op.register_fake
 def _forward_fake(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias,
-                  teacher_logits, valid, labels, chunk_size, backend, *fields_and_flag):
+                  teacher_logits, teacher_indices, valid, labels, chunk_size, backend,
+                  *fields_and_flag):
     cfg = LossConfig(*fields_and_flag[:-1])
     n = hidden.shape[0]
     teacher = teacher_logits if teacher_logits is not None else teacher_hidden
     dtype = loss_dtype(hidden, *(() if teacher is None else (teacher,)))
-    return (hidden.new_empty(n, dtype=dtype), hidden.new_empty(n, N_ROW_STATS, dtype=dtype),
+    width = _stats_width(cfg, teacher_indices)
+    return (hidden.new_empty(n, dtype=dtype), hidden.new_empty(n, width, dtype=dtype),
             hidden.new_empty(n if cfg.with_ce else 0, 2, dtype=dtype))
 
 
 def _grad(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, teacher_logits,
-          valid, row_stats, grad_rows, labels, chunk_size, backend, *fields_and_flags):
+          teacher_indices, valid, row_stats, grad_rows, labels, chunk_size, backend,
+          *fields_and_flags):
     *fields, need_hidden, need_weight, need_bias = fields_and_flags
     cfg = LossConfig(*fields)
     rows = _valid_indices(valid)
@@ -126,7 +144,7 @@ def _grad(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, te
     tiles = _tiles(hidden, weight, teacher_hidden, teacher_logits, n_valid, chunk_size)
     with torch.autocast(hidden.device.type, enabled=False):
         student, teacher = _heads(hidden, weight, bias, teacher_hidden, teacher_weight,
-                                  teacher_bias, teacher_logits, rows)
+                                  teacher_bias, teacher_logits, teacher_indices, rows)
         grad_hidden, grad_weight, grad_bias = backward_sweep(
             student, teacher, _pick(row_stats, rows), _pick(grad_rows.to(tiles.dtype), rows),
             _pick(labels, rows), cfg, get_backend(backend), tiles, need_hidden=need_hidden,
@@ -160,9 +178,9 @@ _grad_op.register_autograd(refuse_double_backward)
 
 
 def _setup_context(ctx, inputs, output):
-    *tensors, labels, chunk_size, backend = inputs[:11]
+    *tensors, labels, chunk_size, backend = inputs[:_N_TENSORS + 3]
     ctx.save_for_backward(*tensors, output[1], labels)
-    ctx.options = (chunk_size, backend, *inputs[11:-1])  # without check_values
+    ctx.options = (chunk_size, backend, *inputs[_N_TENSORS + 3:-1])  # without check_values
     ctx.n_inputs = len(inputs)
     ctx.mark_non_differentiable(output[1], output[2])
 
@@ -186,10 +204,13 @@ def fused_linear_rows(hidden, weight, bias, teacher, valid, cfg: LossConfig, *, 
                       labels=None, chunk_size=None, check_values=True):
     """(loss [N], parts [N, 2] or None) of rows ``hidden`` [N, H] through ``weight`` [V, H]
     and ``bias`` against ``teacher``: a dict with ``teacher_hidden``, ``teacher_weight``,
-    ``teacher_bias`` and ``teacher_logits`` entries (absent ones None); differentiable in
+    ``teacher_bias``, ``teacher_logits`` and ``teacher_indices`` entries (absent ones None; a
+    sparse teacher is its [N, k] log-probabilities as ``teacher_logits`` with its
+    ``teacher_indices``); differentiable in
     ``hidden``, ``weight`` and ``bias``."""
     loss, _, parts = _forward_op(
         hidden, weight, bias, teacher.get("teacher_hidden"), teacher.get("teacher_weight"),
-        teacher.get("teacher_bias"), teacher.get("teacher_logits"), valid, labels,
-        chunk_size or 0, backend, *cfg.fields(), check_values)
+        teacher.get("teacher_bias"), teacher.get("teacher_logits"),
+        teacher.get("teacher_indices"), valid, labels, chunk_size or 0, backend, *cfg.fields(),
+        check_values)
     return loss, parts if cfg.with_ce else None

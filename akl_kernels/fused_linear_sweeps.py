@@ -24,6 +24,8 @@ from typing import NamedTuple
 
 import torch
 
+from akl_kernels.backends.torch import topk as torch_topk
+from akl_kernels.row_results import N_TOPK_STATS
 from akl_kernels.validation import environment_megabytes
 
 DEFAULT_BUDGET_MB = 256
@@ -99,6 +101,20 @@ class GivenLogits(NamedTuple):
         return block.index_select(0, self.rows[rows])  # gathers this block's entries only
 
 
+class GivenTopK(NamedTuple):
+    """A sparse teacher (docs/contract.md §6): [n, k] indices and log-probabilities of the
+    valid rows. Nothing of size N x V: its forward keeps, per row, the categories' gradient
+    for a unit coefficient (the k tokens' logits are only at hand in the forward sweep), and
+    its backward is elementwise per vocabulary block given that."""
+
+    indices: torch.Tensor
+    logprobs: torch.Tensor
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.logprobs.dtype
+
+
 @functools.cache
 def _wide_output_gemm(dtype: torch.dtype, device: torch.device) -> bool:
     """Whether ``torch.mm(a, b, out_dtype=torch.float32)`` runs for ``dtype`` inputs here
@@ -171,19 +187,28 @@ def _spans(total: int, step: int):
 def forward_sweep(student: LinearHead, teacher, labels, cfg, backend, tiles: Tiling):
     """Each valid row's loss, statistics and parts (None without the cross-entropy), from
     row chunks of both models' float32 logits. ``teacher`` is a ``LinearHead``,
-    ``GivenLogits`` or None (the student's own logits stand in: the cross-entropy alone)."""
+    ``GivenLogits``, ``GivenTopK`` or None (the student's own logits stand in: the
+    cross-entropy alone)."""
     n_valid = student.hidden.shape[0]
     every_vocab = slice(None)
     losses, stats, parts = [], [], []
     for span in _spans(n_valid, tiles.forward_rows):
         s = student.logits(span, every_vocab, tiles.dtype)
-        t = s if teacher is None else teacher.logits(span, every_vocab, tiles.dtype)
         ones = torch.ones(s.shape[0], dtype=torch.bool, device=s.device)
-        result = backend.forward(s, t, ones, cfg,
-                                 labels=None if labels is None else labels[span])
-        del s, t  # before the next chunk's tiles exist (else three are alive at once)
+        span_labels = None if labels is None else labels[span]
+        if isinstance(teacher, GivenTopK):
+            idx, lp = teacher.indices[span], teacher.logprobs[span]
+            result = backend.topk_forward(s, idx, lp, ones, cfg, labels=span_labels)
+            unit = torch_topk.unit_category_gradient(s, idx, lp, result.row_stats, cfg)
+            row_stats = torch.cat([result.row_stats, unit], dim=1)
+            del s
+        else:
+            t = s if teacher is None else teacher.logits(span, every_vocab, tiles.dtype)
+            result = backend.forward(s, t, ones, cfg, labels=span_labels)
+            row_stats = result.row_stats
+            del s, t  # before the next chunk's tiles exist (else three are alive at once)
         losses.append(result.loss)
-        stats.append(result.row_stats)
+        stats.append(row_stats)
         parts.append(result.parts)
     return torch.cat(losses), torch.cat(stats), torch.cat(parts) if cfg.with_ce else None
 
@@ -205,11 +230,19 @@ def backward_sweep(student: LinearHead, teacher, row_stats, coef, labels, cfg, b
                       if need_weight else None)
         for span in _spans(n_valid, tiles.backward_rows):
             s = student.logits(span, block, wide)
-            t = s if teacher is None else teacher.logits(span, block, wide)
             shifted = None if labels is None else labels[span] - block.start
-            g = backend.backward(s, t, row_stats[span], coef[span], cfg, labels=shifted,
-                                 grad_dtype=gemm_dtype)
-            del s, t
+            if isinstance(teacher, GivenTopK):
+                st = row_stats[span]
+                g = backend.topk_backward(
+                    s, teacher.indices[span], teacher.logprobs[span], st[:, :N_TOPK_STATS],
+                    coef[span], cfg, labels=shifted, grad_dtype=gemm_dtype,
+                    category_grad=st[:, N_TOPK_STATS:], column_offset=block.start)
+                del s
+            else:
+                t = s if teacher is None else teacher.logits(span, block, wide)
+                g = backend.backward(s, t, row_stats[span], coef[span], cfg, labels=shifted,
+                                     grad_dtype=gemm_dtype)
+                del s, t
             if need_bias:
                 grad_bias[block] += g.sum(dim=0, dtype=wide)
             if need_hidden:

@@ -12,6 +12,7 @@ from akl_kernels.backends import resolve_backend
 from akl_kernels.config import make_config
 from akl_kernels.divergence_op import divergence_rows
 from akl_kernels.row_results import HeadTailStats, as_rows, loss_dtype, reduce_rows
+from akl_kernels.topk_teacher import TopKTeacher
 
 
 class DistillationOutput(NamedTuple):
@@ -30,20 +31,61 @@ def valid_rows(labels, ignore_index, n_rows, device):
     return (labels != ignore_index).reshape(n_rows)
 
 
+class TeacherRows(NamedTuple):
+    """A teacher as the custom operators take it: [N, V] logits, or a sparse teacher's [N, k]
+    log-probabilities with their [N, k] int64 indices."""
+
+    values: torch.Tensor
+    indices: torch.Tensor | None
+
+
+def check_teacher(student_logits, teacher_logits) -> None:
+    """The student's logits and a teacher given as logits or as a ``TopKTeacher``."""
+    if isinstance(teacher_logits, TopKTeacher):
+        checks.check_float_tensor("student_logits", student_logits)
+        checks.check_topk_teacher(teacher_logits, student_logits)
+    else:
+        checks.check_logit_pair(student_logits, teacher_logits)
+
+
+def teacher_rows(teacher_logits) -> TeacherRows:
+    if isinstance(teacher_logits, TopKTeacher):
+        indices, logprobs = teacher_logits.reshape_rows()
+        return TeacherRows(logprobs, indices)
+    return TeacherRows(as_rows(teacher_logits), None)
+
+
+def tail_of(teacher_logits) -> str:
+    return teacher_logits.tail if isinstance(teacher_logits, TopKTeacher) else ""
+
+
+def teacher_tensors(teacher_logits) -> tuple[torch.Tensor, ...]:
+    """The teacher's float tensors (what picks and checks a backend)."""
+    if isinstance(teacher_logits, TopKTeacher):
+        return (teacher_logits.logprobs,)
+    return () if teacher_logits is None else (teacher_logits,)
+
+
 def divergence_loss(student_logits, teacher_logits, labels=None, *, divergence="akl",
                     temperature=1.0, ignore_index=-100, reduction="mean", backend="auto",
                     check_values=True, **divergence_options):
     """Any divergence of the library by name (``divergence`` as in ``distillation_loss``, its
-    options by keyword); ``fkl_loss`` ... ``tvd_loss`` are this with the name fixed."""
-    cfg = make_config(divergence, divergence_options, temperature=temperature)
-    checks.check_logit_pair(student_logits, teacher_logits)
+    options by keyword); ``fkl_loss`` ... ``tvd_loss`` are this with the name fixed.
+
+    Every loss takes the teacher as logits or as a ``TopKTeacher`` (its top-k
+    log-probabilities: docs/contract.md §6); with ``check_values=True`` a sparse teacher's
+    indices and log-probabilities are checked (one host sync)."""
+    cfg = make_config(divergence, divergence_options, temperature=temperature,
+                      tail=tail_of(teacher_logits))
+    check_teacher(student_logits, teacher_logits)
     checks.check_reduction(reduction)
     checks.check_labels(labels, student_logits, ignore_index)
     checks.check_bool("check_values", check_values)
-    backend = resolve_backend(backend, student_logits, teacher_logits)
-    s, t = as_rows(student_logits), as_rows(teacher_logits)
+    backend = resolve_backend(backend, student_logits, *teacher_tensors(teacher_logits))
+    s, teacher = as_rows(student_logits), teacher_rows(teacher_logits)
     valid = valid_rows(labels, ignore_index, s.shape[0], s.device)
-    rows = divergence_rows(s, t, valid, cfg, backend=backend, check_values=check_values).loss
+    rows = divergence_rows(s, teacher.values, valid, cfg, backend=backend,
+                           check_values=check_values, teacher_indices=teacher.indices).loss
     return reduce_rows(rows, valid, reduction, student_logits.shape[:-1])
 
 
@@ -145,24 +187,24 @@ def distillation_loss(student_logits, teacher_logits, labels, *, divergence="akl
     the cross-entropy alone. No ``T**2`` factor is applied.
     """
     cfg = make_config(divergence, divergence_options, temperature=temperature,
-                      kd_ratio=kd_ratio)
+                      kd_ratio=kd_ratio, tail=tail_of(teacher_logits))
     if teacher_logits is None and cfg.kd_ratio == 0.0 and isinstance(student_logits, torch.Tensor):
         # The cross-entropy alone: the student's own logits stand in for the teacher's, whose
         # term has weight 0 (no copy: a detached view).
         teacher_logits = student_logits.detach()
-    checks.check_logit_pair(student_logits, teacher_logits)
+    check_teacher(student_logits, teacher_logits)
     checks.check_reduction(reduction)
     if labels is None:
         raise ValueError("labels are required: they are the cross-entropy's targets")
     checks.check_labels(labels, student_logits, ignore_index)
     checks.check_bool("return_parts", return_parts)
     checks.check_bool("check_values", check_values)
-    backend = resolve_backend(backend, student_logits, teacher_logits)
-    s, t = as_rows(student_logits), as_rows(teacher_logits)
+    backend = resolve_backend(backend, student_logits, *teacher_tensors(teacher_logits))
+    s, teacher = as_rows(student_logits), teacher_rows(teacher_logits)
     valid = valid_rows(labels, ignore_index, s.shape[0], s.device)
-    result = divergence_rows(s, t, valid, cfg, backend=backend,
+    result = divergence_rows(s, teacher.values, valid, cfg, backend=backend,
                              labels=labels.reshape(-1).to(torch.int64),
-                             check_values=check_values)
+                             check_values=check_values, teacher_indices=teacher.indices)
     lead = student_logits.shape[:-1]
     loss = reduce_rows(result.loss, valid, reduction, lead)
     if not return_parts:
@@ -174,16 +216,19 @@ def distillation_loss(student_logits, teacher_logits, labels, *, divergence="akl
 
 @torch.no_grad()
 def head_tail_stats(student_logits, teacher_logits, *, mu=0.5, include_crossing=False,
-                    temperature=1.0, backend="auto") -> HeadTailStats:
-    """The AKL split of every row (no gradient): gaps, head weight, head size and mass."""
+                    temperature=1.0, backend="auto", check_values=True) -> HeadTailStats:
+    """The AKL split of every row (no gradient): gaps, head weight, head size and mass. The
+    teacher may be a ``TopKTeacher`` (its head is chosen among its k tokens)."""
     cfg = make_config("akl", dict(mu=mu, include_crossing=include_crossing),
-                      temperature=temperature)
-    checks.check_logit_pair(student_logits, teacher_logits)
-    backend = resolve_backend(backend, student_logits, teacher_logits)
-    s, t = as_rows(student_logits), as_rows(teacher_logits)
+                      temperature=temperature, tail=tail_of(teacher_logits))
+    check_teacher(student_logits, teacher_logits)
+    checks.check_bool("check_values", check_values)
+    backend = resolve_backend(backend, student_logits, *teacher_tensors(teacher_logits))
+    s, teacher = as_rows(student_logits), teacher_rows(teacher_logits)
     valid = valid_rows(None, None, s.shape[0], s.device)
-    head = divergence_rows(s, t, valid, cfg, backend=backend, head_stats=True).head
+    head = divergence_rows(s, teacher.values, valid, cfg, backend=backend, head_stats=True,
+                           check_values=check_values, teacher_indices=teacher.indices).head
     lead = student_logits.shape[:-1]
-    dtype = loss_dtype(student_logits, teacher_logits)
+    dtype = loss_dtype(student_logits, *teacher_tensors(teacher_logits))
     return HeadTailStats(*(column.reshape(lead) if column.dtype == torch.int64
                            else column.to(dtype).reshape(lead) for column in head))

@@ -49,6 +49,20 @@ class RowStat(enum.IntEnum):
 N_ROW_STATS = len(RowStat)
 
 
+class TopKStat(enum.IntEnum):
+    """Row statistics a sparse teacher's backward pass needs beyond the categories' own
+    (``RowStat``, which describe the k (+1) categories): the student's whole-vocabulary row
+    maximum and log-normaliser at T, and the log of its mass outside the k tokens in the same
+    units (-inf when there is none). A row with NaN or +inf student logits has M_FULL = NaN."""
+
+    M_FULL = N_ROW_STATS
+    LOGZ_FULL = N_ROW_STATS + 1
+    LOGZ_REST = N_ROW_STATS + 2
+
+
+N_TOPK_STATS = N_ROW_STATS + len(TopKStat)
+
+
 class HeadTailStats(NamedTuple):
     """The AKL split of each row (``head_tail_stats``; the reference's too)."""
 

@@ -13,6 +13,8 @@ import os
 
 import torch
 
+from akl_kernels.topk_teacher import TopKTeacher
+
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 REDUCTIONS = ("mean", "sum", "none")
 BACKENDS = ("auto", "torch", "triton")
@@ -78,6 +80,78 @@ def check_temperature(temperature) -> None:
     _check_real("temperature", temperature)
     if not (math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"temperature must be finite and > 0, got {temperature}")
+
+
+def check_tail(tail) -> None:
+    from akl_kernels.topk_teacher import TAILS
+
+    if not isinstance(tail, str) or tail not in TAILS:
+        raise ValueError(f"tail must be one of {TAILS}, got {tail!r}")
+
+
+def check_topk_teacher(teacher, student_logits) -> None:
+    """A TopKTeacher's shapes, dtypes and device against the student's logits (no values)."""
+    _check_dense("teacher_logits.indices", teacher.indices)
+    _check_dense("teacher_logits.logprobs", teacher.logprobs)
+    if teacher.indices.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"teacher_logits.indices must be int32 or int64, got "
+                        f"{teacher.indices.dtype}")
+    if teacher.logprobs.dtype not in SUPPORTED_DTYPES:
+        raise TypeError("teacher_logits.logprobs must be float32, bfloat16, float16 or float64, "
+                        f"got {teacher.logprobs.dtype}")
+    check_tail(teacher.tail)
+    if teacher.indices.shape != teacher.logprobs.shape:
+        raise ValueError("teacher_logits.indices and teacher_logits.logprobs must have one "
+                         f"shape, got {tuple(teacher.indices.shape)} and "
+                         f"{tuple(teacher.logprobs.shape)}")
+    if teacher.indices.dim() < 1 or teacher.indices.shape[-1] < 1:
+        raise ValueError("a TopKTeacher needs k >= 1 entries per row, got shape "
+                         f"{tuple(teacher.indices.shape)}")
+    if tuple(teacher.indices.shape[:-1]) != tuple(student_logits.shape[:-1]):
+        raise ValueError("a TopKTeacher must have the leading shape of the student's logits "
+                         f"{tuple(student_logits.shape[:-1])}, got "
+                         f"{tuple(teacher.indices.shape[:-1])}")
+    for name, x in (("indices", teacher.indices), ("logprobs", teacher.logprobs)):
+        if x.device != student_logits.device:
+            raise ValueError(f"teacher_logits.{name} must be on the student's device "
+                             f"{student_logits.device}, got {x.device}")
+    if teacher.logprobs.requires_grad and torch.is_grad_enabled():
+        raise ValueError("teacher_logits.logprobs requires grad: the teacher is not "
+                         "differentiated here; pass a detached TopKTeacher")
+
+
+def check_topk_values(indices, logprobs, vocab) -> None:
+    """The values of [N, k] top-k rows: indices in [0, V) and distinct within a row where the
+    entry is not padding, log-probabilities <= 0 and a mass <= 1 (both up to rounding).
+
+    One host sync, so it runs only with ``check_values=True``."""
+    from akl_kernels.topk_teacher import LOGPROB_SLACK, MASS_SLACK
+
+    present = logprobs != float("-inf")
+    bad = present & ((indices < 0) | (indices >= vocab))
+    sorted_idx = torch.where(present, indices, -1 - torch.arange(
+        indices.shape[1], device=indices.device)).sort(dim=1).values
+    repeated = (sorted_idx[:, 1:] == sorted_idx[:, :-1]) & (sorted_idx[:, 1:] >= 0)
+    above = present & (logprobs.float() > LOGPROB_SLACK)
+    nan = torch.isnan(logprobs)
+    mass = torch.where(present, logprobs.double().exp(), 0.0).sum(dim=1)
+    flags = torch.stack([bad.any(), repeated.any(), above.any() | nan.any(),
+                         (mass > 1.0 + MASS_SLACK).any()]).tolist()
+    if flags[0]:
+        first = int(indices[bad][0])
+        raise ValueError(f"teacher_logits.indices must lie in [0, {vocab}) where the entry is "
+                         f"not padding, got {first}")
+    if flags[1]:
+        row = int(repeated.any(dim=1).nonzero()[0, 0])
+        raise ValueError(f"teacher_logits.indices repeat a token within a row (row {row}); "
+                         "each row's indices must be distinct")
+    if flags[2]:
+        raise ValueError("teacher_logits.logprobs must be log-probabilities: <= 0 (up to "
+                         f"{LOGPROB_SLACK}) and not NaN; -inf marks padding")
+    if flags[3]:
+        row = int((mass > 1.0 + MASS_SLACK).nonzero()[0, 0])
+        raise ValueError(f"teacher_logits.logprobs hold a mass of {float(mass[row]):.6f} > 1 in "
+                         f"row {row}: they must be log-probabilities of one distribution")
 
 
 def check_split_options(*, mu, include_crossing) -> None:
@@ -227,6 +301,9 @@ def check_linear_inputs(student_hidden, student_weight, student_bias, teacher_hi
     if teacher_logits is not None:
         if teacher_bias is not None:
             raise ValueError("teacher_bias goes with teacher_weight, not with teacher_logits")
+        if isinstance(teacher_logits, TopKTeacher):
+            check_topk_teacher(teacher_logits, student_hidden)
+            return
         check_float_tensor("teacher_logits", teacher_logits)
         if tuple(teacher_logits.shape) != (*lead, vocab):
             raise ValueError(f"teacher_logits must have shape {(*lead, vocab)} (the student's "

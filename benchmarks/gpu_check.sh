@@ -14,14 +14,17 @@
 #      run akl-bench --impls triton torch for it);
 #   4. the two exact head searches side by side (benchmarks/head_search.py: AKL with the pivot
 #      search and with the radix select against FKL and the floor, N = 16384, V in {32000,
-#      128256, 262144}, bf16, flat and peaked, with the reads of the teacher row each made).
-# Writes 10 files under $OUT (default benchmarks/results/local): device.txt, gpu_tests.log,
-# fused_linear.{json,md}, bench_cuda.{json,md}, a PNG per dtype and head_search.{json,md}.
+#      128256, 262144}, bf16, flat and peaked, with the reads of the teacher row each made);
+#   5. sparse teachers (benchmarks/sparse_teacher.py: N = 16384, V = 128256, k = 64, bf16,
+#      FKL and AKL against the floor and a plain PyTorch FKL).
+# Writes 12 files under $OUT (default benchmarks/results/local): device.txt, gpu_tests.log,
+# fused_linear.{json,md}, bench_cuda.{json,md}, a PNG per dtype, head_search.{json,md} and
+# sparse_teacher.{json,md}.
 # Usage, from the repository root on a CUDA machine:  OUT=some/dir bash benchmarks/gpu_check.sh
 set -uo pipefail
 OUT="${OUT:-benchmarks/results/local}"
 PY="${PYTHON:-python3}"
-BENCH_BUDGET_S="${BENCH_BUDGET_S:-80}"
+BENCH_BUDGET_S="${BENCH_BUDGET_S:-55}"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 {
@@ -33,6 +36,7 @@ export PYTHONUNBUFFERED=1
 
 timeout 150 "$PY" -m pytest tests/test_gpu.py tests/test_fused_linear.py \
   tests/test_divergence_family.py tests/test_distillation.py tests/test_head_split.py \
+  tests/test_topk_teacher.py \
   -q -p no:cacheprovider \
   -o addopts="" -rfE 2>&1 | tee "$OUT/gpu_tests.log"
 tests_rc=${PIPESTATUS[0]}
@@ -40,7 +44,7 @@ timeout 30 "$PY" -m pytest tests/test_edge_cases.py -q -p no:cacheprovider -o ad
   -k "ties or negative_infinity or identical or strided" 2>&1 | tee -a "$OUT/gpu_tests.log"
 edge_rc=${PIPESTATUS[0]}
 
-timeout 110 "$PY" -m benchmarks.fused_linear --device cuda --out "$OUT"
+timeout 100 "$PY" -m benchmarks.fused_linear --device cuda --out "$OUT"
 fused_rc=$?
 
 # Budget: no new case starts after BENCH_BUDGET_S; JSON is written after every case, so a
@@ -49,10 +53,14 @@ timeout $((BENCH_BUDGET_S + 40)) "$PY" -m benchmarks --out "$OUT" --budget-s "$B
   --compile-losses akl --impls triton official official+compile liger_jsd liger_kldiv kl_div
 bench_rc=$?
 
-timeout 90 "$PY" -m benchmarks.head_search --out "$OUT"
+timeout 75 "$PY" -m benchmarks.head_search --out "$OUT"
 search_rc=$?
 
+timeout 45 "$PY" -m benchmarks.sparse_teacher --device cuda --out "$OUT"
+sparse_rc=$?
+
 echo "gpu_check: tests rc=$tests_rc, edge-case tests rc=$edge_rc, fused linear rc=$fused_rc," \
-  "benchmark rc=$bench_rc, head search rc=$search_rc (124 = timed out)"
+  "benchmark rc=$bench_rc, head search rc=$search_rc, sparse teacher rc=$sparse_rc" \
+  "(124 = timed out)"
 [ "$tests_rc" = 0 ] && [ "$edge_rc" = 0 ] && [ "$fused_rc" = 0 ] && [ "$bench_rc" = 0 ] \
-  && [ "$search_rc" = 0 ]
+  && [ "$search_rc" = 0 ] && [ "$sparse_rc" = 0 ]

@@ -26,6 +26,8 @@ def test_every_specialisation_compiles_for_sm80_and_sm90():
     assert any("head_split=False" in n for n in names)
     assert any("search=radix" in n for n in names) and any("search=pivot" in n for n in names)
     assert any(n.startswith("grad[") for n in names)
+    for kernel in ("topk_side[", "topk_grad[", "topk_tokens["):  # sparse teachers
+        assert any(n.startswith(kernel) for n in names), kernel
     assert {r["arch"] for r in records} == {80, 90}
     failed = [r for r in records if "error" in r]
     assert not failed, failed

@@ -154,3 +154,19 @@ def test_the_head_search_benchmark_times_both_searches_and_counts_their_reads(tm
         assert r["pivot_reads_max"] >= 3
         assert r["akl_pivot_ms"] > 0 and r["akl_radix_ms"] > 0 and r["fkl_ms"] > 0
     assert "AKL radix" in (tmp_path / "head_search.md").read_text()
+
+
+def test_sparse_teacher_benchmark_runs_and_agrees(tmp_path):
+    """benchmarks.sparse_teacher on a tiny shape: the library and the plain PyTorch FKL in fresh
+    processes compute the same loss, and the report says what each costs."""
+    from benchmarks import sparse_teacher as bench
+
+    assert bench.main(["--device", "cpu", "--shape", "32", "500", "8", "--repeats", "1",
+                       "--out", str(tmp_path)]) == 0
+    records = json.loads((tmp_path / "sparse_teacher.json").read_text())["records"]
+    by_impl = {(r["impl"], r["kind"]): r for r in records}
+    assert set(by_impl) == {("torch", "fkl"), ("plain", "fkl"), ("torch", "akl")}
+    assert by_impl["torch", "fkl"]["loss"] == pytest.approx(by_impl["plain", "fkl"]["loss"],
+                                                            rel=1e-5)
+    assert all(r["forward_backward_ms"] > 0 and r["peak_extra_bytes"] >= 0 for r in records)
+    assert "| fkl | plain |" in (tmp_path / "sparse_teacher.md").read_text()

@@ -1,4 +1,5 @@
-"""The examples run end to end (a seconds-long smoke configuration of distill_tiny)."""
+"""The examples run end to end (seconds-long smoke configurations of distill_tiny and
+distill_offline)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 pytest.importorskip("matplotlib")
 
-from examples import distill_tiny
+from examples import distill_offline, distill_tiny
 
 
 def test_distill_tiny_quick(tmp_path):
@@ -29,3 +30,40 @@ def test_rouge_l():
     assert distill_tiny.rouge_l([1, 2, 3], [4, 5]) == 0.0
     # LCS of (1 2 3 4) and (1 3 4 5) is (1 3 4): P = R = 3/4
     assert distill_tiny.rouge_l([1, 2, 3, 4], [1, 3, 4, 5]) == pytest.approx(0.75)
+
+
+def test_distill_offline_quick(tmp_path):
+    pytest.importorskip("datasets")
+    results = distill_offline.run(quick=True, out=tmp_path)
+    plan = distill_offline.student_plan(64)
+    assert set(results) == {"teacher", "untrained student", *plan}
+    for name, metrics in results.items():
+        assert all(math.isfinite(v) for v in metrics.values()), name
+        assert 0.0 <= metrics["accuracy"] <= 1.0 and metrics["kl"] >= 0.0
+        assert (metrics["seconds"] > 0.0) if name in plan else "seconds" not in metrics
+    untrained = results["untrained student"]["kl"]
+    for name in plan:  # even six steps at k = 4 move every student toward the teacher
+        assert 0.0 < results[name]["kl"] < untrained, name
+    # At k = V both tails are the dense loss: the same student as online, up to rounding (the
+    # teacher's logits from batches of 8 online, of 64 in the cache).
+    online = results[distill_offline.ONLINE]["kl"]
+    for tail in distill_offline.TAILS:
+        assert results[f"offline k=64 (V) {tail}"]["kl"] == pytest.approx(online, rel=1e-4)
+    # Below V the tails differ: renormalising drops the mass outside the k tokens.
+    assert results["offline k=4 bucket"]["kl"] != results["offline k=4 renormalize"]["kl"]
+    table = (tmp_path / "distill_offline.md").read_text()
+    assert table.count("\n| ") == 1 + len(results)  # header + a row per model
+    assert all(f"| {name} |" in table for name in results)
+    assert (tmp_path / "distill_offline.png").stat().st_size > 10_000
+
+
+def test_first_k_of_the_cache_is_the_cache_written_at_k(tmp_path):
+    """Cutting the k = V cache to its first k entries gives what the writer at k writes."""
+    pytest.importorskip("datasets")
+    sequences = distill_tiny.HiddenMarkovLanguage().sample(12, 10, seed=3)
+    teacher = distill_tiny.gpt2(64, 1, 32, 2, 10, seed=0)
+    full, _, _ = distill_offline.write_cache(teacher, sequences, tmp_path / "k64", 64)
+    cut = distill_offline.first_k(full, 4)
+    written, _, _ = distill_offline.write_cache(teacher, sequences, tmp_path / "k4", 4)
+    assert cut.features == written.features
+    assert cut.to_dict() == written.to_dict()

@@ -82,6 +82,28 @@ def test_torch_backend_head_equals_the_reference_in_a_fixed_number_of_passes(
     assert len(calls) == search_passes(dtype) == len(digit_plan(key_bits(dtype)))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("include_crossing", [False, True])
+@pytest.mark.parametrize(("mu", "temperature"), CASES)
+def test_the_sort_split_is_the_radix_split_bit_for_bit(rng, dtype, include_crossing, mu,
+                                                        temperature):
+    """head_mask_by_sort (the sparse teachers' split) against head_mask on the hard inputs,
+    ambiguous rows included: the same integer masses and tie rule give the same head; with a
+    ``total`` larger than the row's mass (a sparse teacher's rest) too."""
+    teacher = _hard_teachers(rng, dtype)
+    p = torch.softmax(teacher.float() / temperature, dim=-1)
+    by_radix = head_split.head_mask(teacher, p, mu, include_crossing)
+    by_sort = head_split.head_mask_by_sort(teacher, p, mu, include_crossing)
+    assert torch.equal(by_sort, by_radix)
+    cut = p[:, : p.shape[1] // 3]  # a third of each row, the rest of its mass "outside"
+    total = head_split.integer_masses(p).sum(dim=1)
+    assert torch.equal(
+        head_split.head_mask_by_sort(teacher[:, : cut.shape[1]], cut, mu, include_crossing,
+                                     total=total),
+        head_split.head_mask(teacher[:, : cut.shape[1]], cut, mu, include_crossing,
+                             total=total))
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("include_crossing", [False, True])
 @pytest.mark.parametrize(("mu", "temperature"), CASES[:3])

@@ -145,9 +145,11 @@ def test_compiled_student(tmp_path, rng):
     assert len(logs) == 3 and logs[-1]["loss"] < logs[0]["loss"]
 
 
-def test_teacher_is_required(tmp_path):
-    with pytest.raises(ValueError, match="teacher_model"):
-        _trainer(tmp_path, _gpt2(1, 64), None, [])
+def test_without_a_teacher_the_batch_must_carry_its_top_k(tmp_path, rng):
+    trainer = _trainer(tmp_path, _gpt2(1, 64), None, _data(rng))
+    batch = {k: torch.stack([d[k] for d in _data(rng)]) for k in ("input_ids", "labels")}
+    with pytest.raises(ValueError, match="teacher_topk_indices"):
+        trainer.compute_loss(trainer.model, batch)
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["logits", "fused_linear"])

@@ -20,6 +20,12 @@ from akl_kernels.config import make_config
 from akl_kernels.fused_linear_losses import fused_linear_distillation_loss, fused_linear_loss
 from akl_kernels.losses import distillation_loss, divergence_loss, head_tail_stats
 from akl_kernels.row_results import mix_terms
+from akl_kernels.topk_collator import (
+    TEACHER_TOPK_INDICES,
+    TEACHER_TOPK_LOGPROBS,
+    topk_teacher_from_batch,
+)
+from akl_kernels.topk_teacher import TopKTeacher
 
 logger = logging.getLogger(__name__)
 
@@ -74,9 +80,15 @@ def causal_lm_distillation_loss(student_logits, teacher_logits, labels, *, diver
 
     The cross-entropy takes the student's whole vocabulary; the divergence compares the two
     models on the leading vocabulary both have, each distribution renormalised there (tokens
-    only one model has take no part in it)."""
-    vocab = shared_vocabulary(student_logits.shape[-1], teacher_logits.shape[-1], warn_once)
-    shared_student, teacher_logits = student_logits[..., :vocab], teacher_logits[..., :vocab]
+    only one model has take no part in it). ``teacher_logits`` may be a ``TopKTeacher``
+    aligned with the logits (row i: the teacher's distribution of token i + 1); its indices
+    are the student's token ids."""
+    teacher_vocab = (student_logits.shape[-1] if isinstance(teacher_logits, TopKTeacher)
+                     else teacher_logits.shape[-1])
+    vocab = shared_vocabulary(student_logits.shape[-1], teacher_vocab, warn_once)
+    shared_student = student_logits[..., :vocab]
+    if not isinstance(teacher_logits, TopKTeacher):
+        teacher_logits = teacher_logits[..., :vocab]
     targets = next_token_labels(labels, ignore_index)
     options = dict(divergence=divergence, temperature=temperature, ignore_index=ignore_index,
                    backend=backend, **divergence_options)
@@ -115,13 +127,20 @@ class DistillationTrainer(Trainer):
     Logged with the loss: ``cross_entropy``, ``kd_divergence`` and, for AKL on logits,
     ``akl_head_weight``, each averaged over the logging interval. The loss is each
     micro-batch's token mean; with gradient accumulation the Trainer averages those means.
+
+    Offline distillation: with ``teacher_model=None`` the teacher is the top-k
+    log-probabilities every batch carries as ``teacher_topk_indices`` and
+    ``teacher_topk_logprobs`` (``[B, L, k]``, row i the teacher's distribution of token i + 1,
+    -inf at padding: what ``akl_kernels.topk_collator.TopKCollator`` gives from a cache written
+    by ``akl_kernels.topk_cache.write_topk_cache``), with ``topk_tail`` ("bucket" or
+    "renormalize") for the mass outside the k tokens (docs/contract.md §6). A batch of an
+    online run may carry them too: they are then ignored (and not passed to the models).
     """
 
     def __init__(self, model=None, teacher_model=None, args=None, *, divergence="akl",
                  kd_ratio=0.5, mu=0.5, temperature=1.0, divergence_options=None,
-                 fused_linear=False, log_head_weight=True, loss_backend="auto", **kwargs):
-        if teacher_model is None:
-            raise ValueError("teacher_model is required")
+                 fused_linear=False, log_head_weight=True, loss_backend="auto",
+                 topk_tail="bucket", **kwargs):
         options = dict(divergence_options or {})
         if divergence == "akl":
             options.setdefault("mu", mu)
@@ -130,15 +149,19 @@ class DistillationTrainer(Trainer):
         checks.check_backend_name(loss_backend)
         for name, value in (("fused_linear", fused_linear), ("log_head_weight", log_head_weight)):
             checks.check_bool(name, value)
+        checks.check_tail(topk_tail)
         if fused_linear:
             for role, net in (("model", model), ("teacher_model", teacher_model)):
-                _check_plain_output_layer(role, net)
+                if net is not None:
+                    _check_plain_output_layer(role, net)
         super().__init__(model=model, args=args, **kwargs)
         self.loss_options = dict(divergence=divergence, kd_ratio=kd_ratio,
                                  temperature=temperature, backend=loss_backend, **options)
         self.fused_linear = fused_linear
         self.log_head_weight = log_head_weight
-        self.teacher = teacher_model.to(self.args.device).eval().requires_grad_(False)
+        self.topk_tail = topk_tail
+        self.teacher = (None if teacher_model is None
+                        else teacher_model.to(self.args.device).eval().requires_grad_(False))
         # The loss is a per-token mean of each micro-batch; the Trainer divides it by the
         # gradient accumulation steps (as for any loss that takes no num_items_in_batch).
         self.model_accepts_loss_kwargs = False
@@ -152,12 +175,14 @@ class DistillationTrainer(Trainer):
                 "unshifted, -100 where not scored; e.g. DataCollatorForLanguageModeling(mlm="
                 f"False) adds them); this batch has {sorted(inputs)}")
         labels = inputs["labels"]
-        model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+        batch_only = ("labels", TEACHER_TOPK_INDICES, TEACHER_TOPK_LOGPROBS)
+        model_inputs = {k: v for k, v in inputs.items() if k not in batch_only}
+        sparse = self._sparse_teacher(inputs)
         if self.fused_linear:
-            out, outputs = self._fused_linear_loss(model, model_inputs, labels)
+            out, outputs = self._fused_linear_loss(model, model_inputs, labels, sparse)
         else:
             outputs = model(**model_inputs)
-            teacher_logits = self._teacher(model_inputs).logits
+            teacher_logits = sparse if sparse is not None else self._teacher(model_inputs).logits
             out = causal_lm_distillation_loss(
                 outputs.logits, teacher_logits, labels, warn_once=self._vocab_warned,
                 with_head_weight=self.log_head_weight and model.training, **self.loss_options)
@@ -165,27 +190,46 @@ class DistillationTrainer(Trainer):
             self._record(out)
         return (out.loss, outputs) if return_outputs else out.loss
 
+    def _sparse_teacher(self, inputs):
+        """The batch's top-k teacher in offline mode (None with a teacher model)."""
+        if self.teacher is not None:
+            return None
+        missing = [k for k in (TEACHER_TOPK_INDICES, TEACHER_TOPK_LOGPROBS) if k not in inputs]
+        if missing:
+            raise ValueError(
+                "DistillationTrainer without teacher_model reads the teacher's top-k from the "
+                f"batch: it needs {missing} (e.g. from akl_kernels.topk_collator.TopKCollator "
+                f"over a cache of akl_kernels.topk_cache.write_topk_cache); this batch has "
+                f"{sorted(inputs)}")
+        return topk_teacher_from_batch(inputs, tail=self.topk_tail)
+
     def _teacher(self, model_inputs):
         """The teacher's outputs: no gradient, no KV cache, under the mixed precision the
         Trainer gives the student (``accelerator.autocast``: bf16/fp16 when asked for)."""
         with torch.no_grad(), self.accelerator.autocast():
             return self.teacher(**model_inputs, use_cache=False)
 
-    def _fused_linear_loss(self, model, model_inputs, labels):
+    def _fused_linear_loss(self, model, model_inputs, labels, sparse=None):
         # Through the (possibly wrapped: DDP, autocast, compiled) model itself, asking for the
         # last hidden states and the logits of one position only.
         hidden_inputs = dict(model_inputs, output_hidden_states=True, logits_to_keep=1)
         outputs = model(**hidden_inputs)
-        teacher_hidden = self._teacher(hidden_inputs).hidden_states[-1]
         hidden = outputs.hidden_states[-1]
         student_head = _unwrap(model).get_output_embeddings()
+        targets = next_token_labels(labels)
+        options = dict(self.loss_options)
+        kd_ratio = options.pop("kd_ratio")
+        if sparse is not None:  # offline: the top-k teacher over the student's vocabulary
+            out = fused_linear_distillation_loss(
+                hidden, student_head.weight, targets, student_bias=student_head.bias,
+                kd_ratio=kd_ratio, return_parts=True, teacher_logits=sparse, **options)
+            return CausalLMDistillation(out.loss, out.cross_entropy, out.divergence,
+                                        None), outputs
+        teacher_hidden = self._teacher(hidden_inputs).hidden_states[-1]
         teacher_head = self.teacher.get_output_embeddings()
         vocab = shared_vocabulary(student_head.weight.shape[0], teacher_head.weight.shape[0],
                                   self._vocab_warned)
         bias = lambda head: None if head.bias is None else head.bias[:vocab]  # noqa: E731
-        targets = next_token_labels(labels)
-        options = dict(self.loss_options)
-        kd_ratio = options.pop("kd_ratio")
         teacher = dict(teacher_hidden=teacher_hidden, teacher_weight=teacher_head.weight[:vocab],
                        teacher_bias=bias(teacher_head))
         if vocab == student_head.weight.shape[0]:

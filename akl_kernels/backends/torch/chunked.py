@@ -39,7 +39,10 @@ CPU_DEFAULT_WORKING_SET_MB = 8.0
 # Live [rows, V] temporaries per chunk in units of the compute dtype; AKL's matches the peak
 # measured by akl-bench (639 MiB = 500 MiB gradient + ~140 MiB at 128 MiB).
 _LIVE_TEMPORARIES = {"fkl": 10, "rkl": 10, "mixed_kl": 10, "akl": 18,
-                     **dict.fromkeys(POINTWISE, 16)}
+                     **dict.fromkeys(POINTWISE, 16),
+                     # A sparse teacher's sweeps (backends/torch/topk.py): the student's chunk
+                     # and one temporary (the cross-entropy's copy).
+                     "topk": 3}
 # The columns of a row whose divergence is NaN that its gradient reads: NaN there makes the
 # gradient row NaN too, for every divergence (loss and gradient agree about a row).
 _DIVERGENCE_GRADIENT_COLUMNS = (S.RKL, S.H_SUM, S.Q_ABOVE, S.Q_BELOW, S.Q_REST)
@@ -57,19 +60,19 @@ def chunk_rows(vocab: int, dtype: torch.dtype, kind: str, device_type: str = "cu
     return max(1, working_set_bytes(device_type, kind) // per_row)
 
 
-def _chunks(n_rows, rows_per_chunk):
+def chunks(n_rows, rows_per_chunk):
     for start in range(0, n_rows, rows_per_chunk):
         yield start, min(start + rows_per_chunk, n_rows)
 
 
-def _scaled(logits, dtype, inv_t):
+def scaled(logits, dtype, inv_t):
     """A fresh compute-dtype copy of a row chunk divided by T (the passes below consume it)."""
     if inv_t == 1.0:
         return logits.to(dtype, copy=True)
     return logits.to(dtype).mul(inv_t)
 
 
-def _row_groups(zs, zt):
+def row_groups(zs, zt):
     """Row index sets for the two paths, decided per row so no row depends on its neighbours.
 
     Yields (rows, finite): rows is a slice of the whole chunk or an index tensor.
@@ -164,8 +167,8 @@ def _broken_rows(poisoned, logz_s, logz_t):
     return poisoned | torch.isneginf(logz_s) | torch.isneginf(logz_t)
 
 
-def _head_weights(teacher, p, q, cfg):
-    head = head_split.head_mask(teacher, p, cfg.mu, cfg.include_crossing)
+def _head_weights(head_of, p, q):
+    head = head_of(p)
     err = (p - q).abs_()
     total = row_sum(err)
     head_gap = row_sum(torch.where(head, err, 0.0))
@@ -189,16 +192,16 @@ def _pointwise_rows(zs, zt, finite, cfg):
     return row_sum(f), columns, None, broken
 
 
-def _row_results(zs, zt, teacher, finite, cfg):
+def _row_results(zs, zt, head_of, finite, cfg):
     """Per-row loss, statistics columns, AKL split and broken rows (None: none) of a block of
-    rows (consumes zs, zt; ``teacher``: the same rows of the teacher's logits as given)."""
+    rows (consumes zs, zt; ``head_of(p)``: AKL's head mask given the teacher's p)."""
     if cfg.kind in POINTWISE:
         return _pointwise_rows(zs, zt, finite, cfg)
     row_terms = _finite_terms if finite else _masked_terms
     terms = row_terms(zs, zt)
     head = None
     if cfg.needs_head_split:
-        head = _head_weights(teacher, terms.p, terms.q, cfg)
+        head = _head_weights(head_of, terms.p, terms.q)
         w_f = head.head_weight
     else:
         w_f = torch.full_like(terms.fkl, cfg.fkl_weight)
@@ -209,7 +212,7 @@ def _row_results(zs, zt, teacher, finite, cfg):
     return rows, columns, head, terms.broken
 
 
-def _cross_entropy(s1, labels):
+def cross_entropy(s1, labels):
     """Per-row CE of unscaled student logits s1 (a fresh copy), and its (M_1, LOGZ_1)."""
     m1 = s1.amax(dim=1)
     m1 = torch.where(torch.isfinite(m1), m1, 0.0)
@@ -218,46 +221,75 @@ def _cross_entropy(s1, labels):
     return (m1 - target) + logz1, m1, logz1
 
 
+def group_results(zs, zt, head_of, finite, cfg):
+    """``_row_results`` of a row group with its broken rows' loss and gradient columns NaN:
+    (loss rows, statistics columns by RowStat, AKL split or None). Consumes zs and zt."""
+    loss_rows, columns, head, broken = _row_results(zs, zt, head_of, finite, cfg)
+    if broken is not None:
+        loss_rows = torch.where(broken, float("nan"), loss_rows)
+        for column in _DIVERGENCE_GRADIENT_COLUMNS:
+            columns[column] = torch.where(broken, float("nan"), columns.get(column, 0.0))
+    return loss_rows, columns, head
+
+
+class RowOutputs(NamedTuple):
+    """The forward pass's per-row outputs, filled group by group (``store``)."""
+
+    loss: torch.Tensor
+    stats: torch.Tensor
+    parts: torch.Tensor | None
+    head: HeadTailStats | None
+
+    @classmethod
+    def empty(cls, n_rows, n_stats, dtype, device, cfg, head_stats):
+        zeros = lambda *shape: torch.zeros(*shape, dtype=dtype, device=device)  # noqa: E731
+        head = None
+        if head_stats and cfg.needs_head_split:
+            head = HeadTailStats(zeros(n_rows), zeros(n_rows), zeros(n_rows),
+                                 torch.zeros(n_rows, dtype=torch.int64, device=device),
+                                 zeros(n_rows))
+        return cls(zeros(n_rows), zeros(n_rows, n_stats), zeros(n_rows, 2) if cfg.with_ce
+                   else None, head)
+
+    def store(self, out, valid, loss_rows, columns, head, cfg, cross_entropy_rows=None):
+        """Rows ``out`` (index tensor) get their loss (the CE mixed in), statistics and split."""
+        row_valid = valid[out]
+        if self.parts is not None:
+            self.parts[out] = torch.where(row_valid[:, None],
+                                          torch.stack([loss_rows, cross_entropy_rows], 1), 0.0)
+            loss_rows = mix_terms(loss_rows, cross_entropy_rows, cfg.kd_ratio)
+        self.loss[out] = torch.where(row_valid, loss_rows, 0.0)
+        zeros = torch.zeros_like(loss_rows)
+        self.stats[out] = torch.stack([columns.get(k, zeros) for k in range(self.stats.shape[1])],
+                                      dim=1)
+        if self.head is not None:
+            for target, values in zip(self.head, head, strict=True):
+                target[out] = values.to(target.dtype)
+
+    def result(self) -> RowResult:
+        return RowResult(self.loss, self.stats, self.head, self.parts)
+
+
 def forward(s2d, t2d, valid, cfg, *, labels=None, head_stats=False):
     n_rows, vocab = s2d.shape
     dtype = loss_dtype(s2d, t2d)
     inv_t = 1.0 / cfg.temperature
-    loss = torch.zeros(n_rows, dtype=dtype, device=s2d.device)
-    stats = torch.zeros(n_rows, N_ROW_STATS, dtype=dtype, device=s2d.device)
-    parts = torch.zeros(n_rows, 2, dtype=dtype, device=s2d.device) if cfg.with_ce else None
-    head_rows = (_empty_head_rows(n_rows, dtype, s2d.device)
-                 if head_stats and cfg.needs_head_split else None)
-    for r0, r1 in _chunks(n_rows, chunk_rows(vocab, dtype, cfg.kind, s2d.device.type)):
-        zs = _scaled(s2d[r0:r1], dtype, inv_t)
-        zt = _scaled(t2d[r0:r1], dtype, inv_t)
-        for rows, finite in _row_groups(zs, zt):
-            loss_rows, columns, head, broken = _row_results(
-                zs[rows], zt[rows], t2d[r0:r1][rows], finite, cfg)
-            if broken is not None:
-                loss_rows = torch.where(broken, float("nan"), loss_rows)
-                for column in _DIVERGENCE_GRADIENT_COLUMNS:
-                    columns[column] = torch.where(broken, float("nan"),
-                                                  columns.get(column, 0.0))
+    outputs = RowOutputs.empty(n_rows, N_ROW_STATS, dtype, s2d.device, cfg, head_stats)
+    for r0, r1 in chunks(n_rows, chunk_rows(vocab, dtype, cfg.kind, s2d.device.type)):
+        zs = scaled(s2d[r0:r1], dtype, inv_t)
+        zt = scaled(t2d[r0:r1], dtype, inv_t)
+        for rows, finite in row_groups(zs, zt):
+            teacher = t2d[r0:r1][rows]
+            head_of = lambda p, teacher=teacher: head_split.head_mask(  # noqa: E731
+                teacher, p, cfg.mu, cfg.include_crossing)
+            loss_rows, columns, head = group_results(zs[rows], zt[rows], head_of, finite, cfg)
             out = torch.arange(r0, r1, device=s2d.device)[rows]
-            row_valid = valid[out]
-            if parts is not None:
-                ce, columns[S.M_1], columns[S.LOGZ_1] = _cross_entropy(
+            ce = None
+            if cfg.with_ce:
+                ce, columns[S.M_1], columns[S.LOGZ_1] = cross_entropy(
                     s2d[r0:r1][rows].to(dtype, copy=True), labels[out])
-                parts[out] = torch.where(row_valid[:, None], torch.stack([loss_rows, ce], 1), 0.0)
-                loss_rows = mix_terms(loss_rows, ce, cfg.kd_ratio)
-            loss[out] = torch.where(row_valid, loss_rows, 0.0)
-            zeros = torch.zeros_like(loss_rows)
-            stats[out] = torch.stack([columns.get(k, zeros) for k in S], dim=1)
-            if head_rows is not None:
-                for target, values in zip(head_rows, head, strict=True):
-                    target[out] = values.to(target.dtype)
-    return RowResult(loss, stats, head_rows, parts)
-
-
-def _empty_head_rows(n_rows, dtype, device):
-    zeros = lambda: torch.zeros(n_rows, dtype=dtype, device=device)  # noqa: E731
-    count = torch.zeros(n_rows, dtype=torch.int64, device=device)
-    return HeadTailStats(zeros(), zeros(), zeros(), count, zeros())
+            outputs.store(out, valid, loss_rows, columns, head, cfg, ce)
+    return outputs.result()
 
 
 def _column(st, stat):
@@ -311,7 +343,7 @@ def _pointwise_grad(zs, zt, st, coef, cfg, finite):
     return g if finite else torch.where(coef[:, None] != 0, g, 0.0)
 
 
-def _add_cross_entropy_grad(g, s1, st, labels, coef):
+def add_cross_entropy_grad(g, s1, st, labels, coef):
     """g += coef * (softmax(s1) - onehot(labels)), zero where coef is 0. Consumes s1.
 
     A label outside [0, V) has no one-hot entry here: the fused linear path passes a block of
@@ -323,7 +355,7 @@ def _add_cross_entropy_grad(g, s1, st, labels, coef):
     return torch.where(coef[:, None] != 0, g + coef[:, None] * q1, g)
 
 
-def _divergence_grad(zs, zt, st, coef, cfg, finite):
+def divergence_grad(zs, zt, st, coef, cfg, finite):
     if cfg.kind in POINTWISE:
         return _pointwise_grad(zs, zt, st, coef, cfg, finite)
     return (_finite_grad if finite else _masked_grad)(zs, zt, st, coef)
@@ -338,18 +370,18 @@ def backward(s2d, t2d, row_stats, coef, cfg, *, labels=None, grad_dtype=None):
     # A term of weight 0 is not evaluated (its NaN must not reach the gradient).
     with_divergence, with_ce = cfg.divergence_weight != 0, cfg.cross_entropy_weight != 0
     divergence_coef = coef * (cfg.divergence_weight * inv_t)  # d zs / d s = 1/T
-    for r0, r1 in _chunks(n_rows, chunk_rows(vocab, dtype, kind, s2d.device.type)):
-        zs = _scaled(s2d[r0:r1], dtype, inv_t)
-        zt = _scaled(t2d[r0:r1], dtype, inv_t)
+    for r0, r1 in chunks(n_rows, chunk_rows(vocab, dtype, kind, s2d.device.type)):
+        zs = scaled(s2d[r0:r1], dtype, inv_t)
+        zt = scaled(t2d[r0:r1], dtype, inv_t)
         st, row_coef = row_stats[r0:r1], divergence_coef[r0:r1]
-        for rows, finite in _row_groups(zs, zt):
+        for rows, finite in row_groups(zs, zt):
             if with_divergence:
-                g = _divergence_grad(zs[rows], zt[rows], st[rows], row_coef[rows], cfg, finite)
+                g = divergence_grad(zs[rows], zt[rows], st[rows], row_coef[rows], cfg, finite)
             else:
                 g = torch.zeros_like(zs[rows])
             if with_ce:
                 out = torch.arange(r0, r1, device=s2d.device)[rows]
-                g = _add_cross_entropy_grad(g, s2d[r0:r1][rows].to(dtype, copy=True), st[rows],
+                g = add_cross_entropy_grad(g, s2d[r0:r1][rows].to(dtype, copy=True), st[rows],
                                             labels[out], coef[out] * cfg.cross_entropy_weight)
             if isinstance(rows, slice):
                 grad[r0:r1] = g

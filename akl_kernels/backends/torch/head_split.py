@@ -113,14 +113,26 @@ def mass_threshold(total: torch.Tensor, mu: float) -> torch.Tensor:
     return torch.minimum((total * mu).floor(), total - 1)
 
 
-def head_mask(teacher: torch.Tensor, p: torch.Tensor, mu: float, include_crossing: bool):
+def head_mask(teacher: torch.Tensor, p: torch.Tensor, mu: float, include_crossing: bool,
+              total: torch.Tensor | None = None):
     """Boolean head mask of a block of rows: ``teacher`` the logits in their own dtype,
-    ``p`` their probabilities at the loss's temperature."""
+    ``p`` their probabilities at the loss's temperature.
+
+    ``total`` (float64 integer masses per row) is the row's whole mass when ``p`` covers only
+    part of it (a sparse teacher's k tokens, whose rest is always tail): rows whose tokens hold
+    no more than ``mu`` of it are head entirely."""
     if mu >= 1.0:  # c_k <= 1 for every k: the whole vocabulary is head
         return torch.ones_like(p, dtype=torch.bool)
     keys = order_keys(teacher)
     masses = integer_masses(p)
-    thr = mass_threshold(masses.sum(dim=1), mu)
+    held = masses.sum(dim=1)
+    everything = torch.zeros_like(held, dtype=torch.bool)
+    if total is None:
+        thr = mass_threshold(held, mu)
+    else:
+        thr = (total * mu).floor()
+        everything = held <= thr
+        thr = torch.minimum(thr, held - 1)
     star = threshold_key(keys, masses, thr, digit_plan(key_bits(teacher.dtype)))
     head = keys > star.key.to(keys.dtype)[:, None]
     # Every token at v* has the same mass w*; the i-th of them (in index order, from 1) is
@@ -135,4 +147,31 @@ def head_mask(teacher: torch.Tensor, p: torch.Tensor, mu: float, include_crossin
     rank = torch.arange(len(star.rows), device=keys.device) - first[star.rows] + 1
     tied_in = rank <= fit[star.rows]
     head[star.rows[tied_in], star.columns[tied_in]] = True
-    return head
+    return head | everything[:, None]
+
+
+def head_mask_by_sort(teacher: torch.Tensor, p: torch.Tensor, mu: float,
+                      include_crossing: bool, total: torch.Tensor | None = None):
+    """``head_mask`` by a stable sort of the keys and a cumulative sum of the same integer
+    masses instead of the radix passes: the same head bit for bit (the masses are exact
+    integers, so the cumulative sums are exact in any order, and the sort is stable by index
+    among equal keys, the tie rule). For a sparse teacher's few entries per row, where the
+    radix histograms would be far wider than the rows."""
+    if mu >= 1.0:
+        return torch.ones_like(p, dtype=torch.bool)
+    keys = order_keys(teacher)
+    masses = integer_masses(p)
+    held = masses.sum(dim=1)
+    if total is None:
+        thr, everything = mass_threshold(held, mu), torch.zeros_like(held, dtype=torch.bool)
+    else:
+        thr = (total * mu).floor()
+        everything = held <= thr
+    order = torch.sort(keys, dim=1, descending=True, stable=True).indices
+    cumulative = masses.gather(1, order).cumsum(dim=1)
+    if include_crossing:
+        cumulative = cumulative - masses.gather(1, order)  # the mass before each token
+    head_sorted = cumulative <= thr[:, None]
+    head_sorted[:, 0] = True  # the top token always
+    head = torch.zeros_like(head_sorted).scatter_(1, order, head_sorted)
+    return head | everything[:, None]

@@ -2,5 +2,7 @@
 
 from akl_kernels.backends.triton.backward import backward
 from akl_kernels.backends.triton.forward import forward
+from akl_kernels.backends.triton.topk import backward as topk_backward
+from akl_kernels.backends.triton.topk import forward as topk_forward
 
-__all__ = ["backward", "forward"]
+__all__ = ["backward", "forward", "topk_backward", "topk_forward"]

@@ -25,6 +25,12 @@ from triton.compiler import ASTSource
 from akl_kernels.backends.triton import launch
 from akl_kernels.backends.triton.backward import _divergence_grad_kernel
 from akl_kernels.backends.triton.forward import _divergence_forward_kernel
+from akl_kernels.backends.triton.topk import (
+    _dense_grad_kernel,
+    _student_side_kernel,
+    _token_grad_kernel,
+    k_block,
+)
 
 LOGIT_TYPES = ("fp32", "bf16", "fp16")
 
@@ -62,6 +68,41 @@ def _backward_source(s_type, t_type, pointwise, with_ce, settings, grad_type=Non
     return ASTSource(_divergence_grad_kernel, signature, constexprs=constexprs)
 
 
+# The sparse teacher's K_BLOCKs (topk.k_block).
+TOPK_K_BLOCKS = tuple(sorted({k_block(k) for k in (1, 16, 17, 4096)}))
+
+
+def _topk_sources(s_type, with_ce, side_blocks, grad_blocks, k_blocks=TOPK_K_BLOCKS,
+                  grad_type=None):
+    """The sparse teacher's kernels: the student sweep per (BLOCK, K_BLOCK), the gradient
+    sweep per BLOCK, the k tokens' gradient per K_BLOCK. With ``grad_type`` (the fused linear
+    losses' float32 tiles, the gradient in the weight's dtype) the two gradient kernels only."""
+    grad_type = grad_type or s_type
+    arrow = "" if grad_type == s_type else f"->{grad_type}"
+    side = {"s_ptr": f"*{s_type}", "idx_ptr": "*i64", "side_ptr": "*fp32", "V": "i32",
+            "K": "i32", "stride_s": "i32", "inv_t": "fp32", "t_scale": "fp32",
+            "WITH_CE": "constexpr", "BLOCK": "constexpr", "K_BLOCK": "constexpr"}
+    tokens = {"s_ptr": f"*{s_type}", "idx_ptr": "*i64", "g_cat_ptr": "*fp32",
+              "coef_ptr": "*fp32", "live_ptr": "*i8", "labels_ptr": "*i64",
+              "grad_ptr": f"*{grad_type}", "V": "i32", "K": "i32", "stride_s": "i32",
+              "WITH_CE": "constexpr", "K_BLOCK": "constexpr"}
+    dense = {"s_ptr": f"*{s_type}", "coef_ptr": "*fp32", "live_ptr": "*i8",
+             "labels_ptr": "*i64", "grad_ptr": f"*{grad_type}", "V": "i32", "stride_s": "i32",
+             "inv_t": "fp32", "WITH_CE": "constexpr", "BLOCK": "constexpr"}
+    for block, kb in itertools.product(side_blocks if not arrow else (), k_blocks):
+        yield (f"topk_side[{s_type},ce={with_ce},BLOCK={block},K_BLOCK={kb}]",
+               ASTSource(_student_side_kernel, side,
+                         constexprs=dict(WITH_CE=with_ce, BLOCK=block, K_BLOCK=kb)), 4)
+    for kb in k_blocks:
+        yield (f"topk_tokens[{s_type}{arrow},ce={with_ce},K_BLOCK={kb}]",
+               ASTSource(_token_grad_kernel, tokens,
+                         constexprs=dict(WITH_CE=with_ce, K_BLOCK=kb)), 1)
+    for block in grad_blocks:
+        yield (f"topk_grad[{s_type}{arrow},ce={with_ce},BLOCK={block}]",
+               ASTSource(_dense_grad_kernel, dense,
+                         constexprs=dict(WITH_CE=with_ce, BLOCK=block)), 4)
+
+
 def specialisations():
     """(name, ASTSource, num_warps) for every launch ``launch`` can choose, every dtype."""
     forward_launches, backward_launches = launch.launch_space()
@@ -83,6 +124,12 @@ def specialisations():
             continue
         name = f"grad[{s},{t},pointwise={point},ce={with_ce},BLOCK={settings['BLOCK']}]"
         yield name, _backward_source(s, t, point, with_ce, settings), settings["num_warps"]
+    side_blocks = sorted({launch.topk_launch(b)["BLOCK"] for b in launch.launch_blocks()})
+    grad_blocks = sorted({launch.backward_launch(b)["BLOCK"] for b in launch.launch_blocks()})
+    for s, with_ce in itertools.product(LOGIT_TYPES, (False, True)):
+        yield from _topk_sources(s, with_ce, side_blocks, grad_blocks)
+    for grad, with_ce in itertools.product(("bf16", "fp16"), (False, True)):
+        yield from _topk_sources("fp32", with_ce, side_blocks, grad_blocks, grad_type=grad)
     # The fused linear losses' backward: float32 logits tiles, the gradient written in the
     # weight's dtype for the gradient GEMMs (akl_kernels/fused_linear_sweeps.py).
     for with_ce, settings, grad, point in itertools.product(

@@ -60,15 +60,27 @@ def backward_launch(vocab: int) -> dict:
     return dict(BLOCK=_block(vocab, 2048), num_warps=4)
 
 
-def launch_space():
-    """Every forward launch the heuristic can produce, as ((head_split, pointwise, search),
-    launch), and every backward launch. The pointwise family runs the statistics-only
-    launch."""
+def topk_launch(vocab: int) -> dict:
+    """A sparse teacher's student sweep: the statistics sweep's shape (one read of the row);
+    not yet measured on a GPU."""
+    return dict(BLOCK=_block(vocab, STATS_ONLY_BLOCK), num_warps=4)
+
+
+def launch_blocks() -> list[int]:
+    """Every power-of-two block a heuristic above can pick."""
     blocks = []
     block = MIN_BLOCK
     while block <= max(ROW_BLOCK, STATS_ONLY_BLOCK, 2048):
         blocks.append(block)
         block *= 2
+    return blocks
+
+
+def launch_space():
+    """Every forward launch the heuristic can produce, as ((head_split, pointwise, search),
+    launch), and every backward launch. The pointwise family runs the statistics-only
+    launch."""
+    blocks = launch_blocks()
     variants = ((False, False, "pivot"), (True, False, "pivot"), (True, False, "radix"),
                 (False, True, "pivot"))
     forward = {(variant, tuple(sorted(forward_launch(b, variant[0], variant[2]).items())))

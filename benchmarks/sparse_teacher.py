@@ -1,0 +1,192 @@
+"""Sparse (top-k) teachers: this library against a plain PyTorch implementation.
+
+    python -m benchmarks.sparse_teacher                  # CPU: N 4096, V 32000, k 64, float32
+    python -m benchmarks.sparse_teacher --device cuda    # N 16384, V 128256, k 64, bfloat16
+
+Every implementation gets the same student logits and the same ``TopKTeacher`` (the top-k of a
+teacher's logits, built once outside the timing), and returns the token mean over all rows of
+forward KL on the k tokens plus the "rest" bucket (docs/contract.md §6):
+- ``torch`` / ``triton``: this library's ``fkl_loss`` (or ``akl_loss``) with the sparse teacher;
+- ``plain``: what a user writes without the library: ``log_softmax`` of the student in float32,
+  ``gather`` of the k entries, the rest as ``1 - sum_k q``, autograd for the gradient (FKL only).
+Metrics per case: the median forward+backward time after a warm-up call, and the peak memory
+above the inputs during it (CUDA: ``max_memory_allocated``; CPU: the peak resident memory of a
+fresh process per case). On CUDA the time is also a multiple of the floor: read the student
+once, write its gradient once and read the teacher's ``N x k`` entries, at the copy bandwidth
+measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import akl_kernels
+from benchmarks.common import copy_bandwidth_gbs, device_meta, fmt, make_inputs
+from benchmarks.measure import time_and_peak
+
+IMPLS = ("torch", "triton", "plain")
+# The issue's shapes per device: (N, V, k, dtype).
+DEFAULT_SHAPES = {"cpu": (4096, 32000, 64, "float32"), "cuda": (16384, 128256, 64, "bfloat16")}
+
+
+@dataclass(frozen=True)
+class Case:
+    impl: str
+    kind: str
+    n: int
+    vocab: int
+    k: int
+    dtype: str
+    device: str
+
+
+def plain_bucket_fkl(student, indices, logprobs):
+    """Forward KL over the k tokens and the rest, as plain PyTorch code would write it."""
+    log_q = F.log_softmax(student.float(), dim=-1)
+    log_q_k = log_q.gather(-1, indices)
+    p = logprobs.float().exp()
+    p_rest = (1.0 - p.sum(-1)).clamp(min=0.0)
+    q_rest = (1.0 - log_q_k.exp().sum(-1)).clamp(min=1e-30)
+    rest = torch.where(p_rest > 0, p_rest * (p_rest.clamp(min=1e-30).log() - q_rest.log()), 0.0)
+    return ((p * (logprobs.float() - log_q_k)).sum(-1) + rest).mean()
+
+
+def build(impl, kind):
+    if impl == "plain":
+        return lambda s, teacher: plain_bucket_fkl(s, teacher.indices, teacher.logprobs)
+    fn = getattr(akl_kernels, f"{kind}_loss")
+    return lambda s, teacher: fn(s, teacher, backend=impl)
+
+
+def unavailable(impl, kind, device):
+    if impl == "triton" and device != "cuda":
+        return "the Triton kernels run on CUDA (the interpreter is for tests)"
+    if impl == "plain" and kind != "fkl":
+        return "the plain implementation computes FKL"
+    return None
+
+
+def floor_bytes(n, vocab, k, dtype):
+    size = getattr(torch, dtype).itemsize
+    return n * vocab * 2 * size + n * k * (8 + 4)
+
+
+def run_case(case: Case, repeats: int) -> dict:
+    dtype = getattr(torch, case.dtype)
+    student, teacher_logits = make_inputs(case.n, case.vocab, dtype, "flat", case.device)
+    teacher = akl_kernels.topk_teacher(teacher_logits, case.k)
+    del teacher_logits
+    student.requires_grad_(True)
+    fn = build(case.impl, case.kind)
+
+    def clear_grad():
+        student.grad = None
+
+    result = time_and_peak(lambda: fn(student, teacher), clear_grad, case.device == "cuda",
+                           repeats, time_forward=False)
+    return dict(asdict(case), **result)
+
+
+def measure(case: Case, repeats: int) -> dict:
+    if case.device == "cpu":  # a fresh process per case, so its peak RSS is its own
+        cmd = [sys.executable, "-m", "benchmarks.sparse_teacher", "--case",
+               json.dumps([asdict(case), repeats])]
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            return dict(asdict(case), error=(done.stderr or done.stdout)[-1500:])
+        return json.loads(done.stdout.strip().splitlines()[-1])
+    try:
+        return run_case(case, repeats)
+    except torch.cuda.OutOfMemoryError as error:
+        return dict(asdict(case), error=f"out of memory: {str(error)[:200]}")
+    finally:
+        torch.cuda.empty_cache()
+
+
+def markdown(meta, records, bandwidth_gbs) -> str:
+    base = {r["kind"]: r for r in records if r["impl"] == "plain" and "error" not in r}
+    plain = base.get("fkl")
+    n, vocab, k, dtype = (records[0][x] for x in ("n", "vocab", "k", "dtype"))
+    floor_ms = (floor_bytes(n, vocab, k, dtype) / (bandwidth_gbs * 1e9) * 1e3
+                if bandwidth_gbs else None)
+    lines = [
+        f"# Sparse teachers: {meta['device_name']}",
+        "",
+        f"torch {meta['torch']}, triton {meta['triton']}, {meta['date']}. N = {n}, V = {vocab}, "
+        f"k = {k}, {dtype} student, float32 top-k teacher (bucket tail); forward+backward; "
+        "peak memory above the inputs (gradient included). Ratios are to the plain PyTorch FKL "
+        "measured in the same run" + (f"; floor {fmt(floor_ms)} ms at {fmt(bandwidth_gbs)} GB/s"
+                                      if floor_ms else "") + ".",
+        "",
+        "| loss | implementation | fwd+bwd ms | plain / this (speed-up) | peak MiB "
+        "| x plain memory | x floor | loss value |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in records:
+        if "error" in r:
+            lines.append(f"| {r['kind']} | {r['impl']} | error: {r['error'][:80]} | | | | | |")
+            continue
+        t = r["forward_backward_ms"]
+        speedup = plain["forward_backward_ms"] / t if plain else None
+        memory = r["peak_extra_bytes"] / plain["peak_extra_bytes"] if plain else None
+        lines.append(
+            f"| {r['kind']} | {r['impl']} | {fmt(t)} | {fmt(speedup)} "
+            f"| {fmt(r['peak_extra_bytes'] / 2**20, 4)} | {fmt(memory)} "
+            f"| {fmt(t / floor_ms) if floor_ms else '-'} | {fmt(r['loss'], 5)} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--shape", type=int, nargs=3, metavar=("N", "V", "K"))
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"))
+    parser.add_argument("--kinds", nargs="+", default=["fkl", "akl"], choices=("fkl", "akl"))
+    parser.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS)
+    parser.add_argument("--repeats", type=int, default=3, help="CPU repeats (CUDA: adaptive)")
+    parser.add_argument("--out", default=None, help="directory (default benchmarks/results/"
+                        "local/<device>-sparse-teacher)")
+    parser.add_argument("--case", help=argparse.SUPPRESS)  # internal: one CPU case
+    args = parser.parse_args(argv)
+    if args.case:
+        fields, repeats = json.loads(args.case)
+        print(json.dumps(run_case(Case(**fields), repeats)))
+        return 0
+    device = args.device if args.device != "auto" else (
+        "cuda" if torch.cuda.is_available() else "cpu")
+    n, vocab, k, dtype = DEFAULT_SHAPES[device]
+    if args.shape:
+        n, vocab, k = args.shape
+    dtype = args.dtype or dtype
+    out = Path(args.out or f"benchmarks/results/local/{device}-sparse-teacher")
+    out.mkdir(parents=True, exist_ok=True)
+    meta = device_meta(device)
+    bandwidth = copy_bandwidth_gbs(device) if device == "cuda" else None
+    records = []
+    for kind in args.kinds:
+        for impl in args.impls:
+            why = unavailable(impl, kind, device)
+            if why:
+                print(f"skip {impl} {kind}: {why}", flush=True)
+                continue
+            record = measure(Case(impl, kind, n, vocab, k, dtype, device), args.repeats)
+            records.append(record)
+            print(json.dumps(record), flush=True)
+    if records:
+        (out / "sparse_teacher.json").write_text(
+            json.dumps(dict(meta=meta, copy_bandwidth_gbs=bandwidth, records=records), indent=1))
+        (out / "sparse_teacher.md").write_text(markdown(meta, records, bandwidth))
+        print((out / "sparse_teacher.md").read_text())
+    return 0 if records and all("error" not in r for r in records) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -49,8 +49,10 @@ def test_distill_offline_quick(tmp_path):
     online = results[distill_offline.ONLINE]["kl"]
     for tail in distill_offline.TAILS:
         assert results[f"offline k=64 (V) {tail}"]["kl"] == pytest.approx(online, rel=1e-4)
-    # Below V the tails differ: renormalising drops the mass outside the k tokens.
-    assert results["offline k=4 bucket"]["kl"] != results["offline k=4 renormalize"]["kl"]
+    # Below V the tails differ: renormalising teaches nothing of the mass outside the k tokens,
+    # which the held-out KL (over the whole vocabulary) counts.
+    assert results["offline k=4 bucket"]["kl"] < results["offline k=4 renormalize"]["kl"]
+    assert results[distill_offline.ONLINE]["teacher_seconds"] > 0.0
     table = (tmp_path / "distill_offline.md").read_text()
     assert table.count("\n| ") == 1 + len(results)  # header + a row per model
     assert all(f"| {name} |" in table for name in results)

@@ -154,27 +154,29 @@ def reference_loss(
     ``param`` is beta (jsd) or lam (skew and mixed KL). Float64, differentiable in the student.
     """
     terms = _row_terms(student_logits, teacher_logits, temperature)
+    rows = _divergence_rows(kind, terms, param, lambda: reference_head_mask(
+        teacher_logits, mu=mu, include_crossing=include_crossing, temperature=temperature))
+    return _reduce(rows, labels, ignore_index, reduction)
+
+
+def _divergence_rows(kind, terms: _RowTerms, param, head_mask):
+    """Each row's divergence ``kind`` from its terms; ``head_mask()`` gives AKL's head."""
     if kind == "jsd" and param in (0.0, 1.0):
         # TRL / Liger-Kernel convention: JSD(0) = FKL, JSD(1) = RKL.
         kind = "fkl" if param == 0.0 else "rkl"
     if kind == "fkl":
-        rows = terms.fkl
-    elif kind == "rkl":
-        rows = terms.rkl
-    elif kind == "mixed_kl":
-        rows = (1.0 - param) * terms.fkl + param * terms.rkl
-    elif kind in ("jsd", "skew_fkl", "skew_rkl", "tvd"):
-        rows = _pointwise_rows(kind, terms, param)
-    elif kind == "akl":
-        head = reference_head_mask(
-            teacher_logits, mu=mu, include_crossing=include_crossing, temperature=temperature
-        )
-        _, _, w_head = _gap_weights(terms.p.detach(), terms.q.detach(), head)
+        return terms.fkl
+    if kind == "rkl":
+        return terms.rkl
+    if kind == "mixed_kl":
+        return (1.0 - param) * terms.fkl + param * terms.rkl
+    if kind in ("jsd", "skew_fkl", "skew_rkl", "tvd"):
+        return _pointwise_rows(kind, terms, param)
+    if kind == "akl":
+        _, _, w_head = _gap_weights(terms.p.detach(), terms.q.detach(), head_mask())
         # 6. AKL = w_head FKL + w_tail RKL with the weights held constant.
-        rows = w_head * terms.fkl + (1.0 - w_head) * terms.rkl
-    else:
-        raise ValueError(f"unknown divergence {kind!r}")
-    return _reduce(rows, labels, ignore_index, reduction)
+        return w_head * terms.fkl + (1.0 - w_head) * terms.rkl
+    raise ValueError(f"unknown divergence {kind!r}")
 
 
 def reference_fkl(student_logits, teacher_logits, labels=None, **kwargs):

@@ -12,7 +12,13 @@ import torch
 
 from akl_kernels import HeadTailStats
 from akl_kernels.topk_teacher import TopKTeacher
-from reference.definition import _gap_weights, _pointwise_rows, _reduce, _RowTerms, _scaled64
+from reference.definition import (
+    _divergence_rows,
+    _gap_weights,
+    _reduce,
+    _RowTerms,
+    _scaled64,
+)
 
 
 def _category_log_probs(student_logits, teacher: TopKTeacher, temperature):
@@ -80,24 +86,8 @@ def reference_sparse_loss(kind, student_logits, teacher: TopKTeacher, labels=Non
                           reduction="mean", param=0.0):
     """``reference_loss`` with a sparse teacher: the divergence on the categories."""
     log_p, log_q, present, index = _category_log_probs(student_logits, teacher, temperature)
-    terms = _terms(log_p, log_q)
-    if kind == "jsd" and param in (0.0, 1.0):
-        kind = "fkl" if param == 0.0 else "rkl"
-    if kind == "fkl":
-        rows = terms.fkl
-    elif kind == "rkl":
-        rows = terms.rkl
-    elif kind == "mixed_kl":
-        rows = (1.0 - param) * terms.fkl + param * terms.rkl
-    elif kind in ("jsd", "skew_fkl", "skew_rkl", "tvd"):
-        rows = _pointwise_rows(kind, terms, param)
-    elif kind == "akl":
-        head = reference_sparse_head_mask(log_p, present, index, mu=mu,
-                                          include_crossing=include_crossing)
-        _, _, w_head = _gap_weights(terms.p.detach(), terms.q.detach(), head)
-        rows = w_head * terms.fkl + (1.0 - w_head) * terms.rkl
-    else:
-        raise ValueError(f"unknown divergence {kind!r}")
+    rows = _divergence_rows(kind, _terms(log_p, log_q), param, lambda: reference_sparse_head_mask(
+        log_p, present, index, mu=mu, include_crossing=include_crossing))
     return _reduce(rows, labels, ignore_index, reduction)
 
 

@@ -77,6 +77,12 @@ class StudentSide(NamedTuple):
     broken: torch.Tensor  # a NaN or +inf logit: the row's loss and gradient are NaN
 
 
+def gathered_scaled(logits, indices, dtype, inv_t):
+    """The k tokens' ``logits / T`` [R, k] in ``dtype`` (as every sweep scales them; "+ 0.0"
+    makes -0.0 +0.0)."""
+    return logits.gather(1, indices).to(dtype) * inv_t + 0.0
+
+
 def shifted_into(out, logits, shift, inv_t):
     """``logits / T - shift`` (``shift`` [R, 1]) in ``out``'s dtype, in one elementwise pass."""
     if inv_t == 1.0:
@@ -91,7 +97,7 @@ def student_side(logits, work, indices, present, inv_t) -> StudentSide:
     dtype = work.dtype
     m_raw = logits.amax(dim=1).to(dtype) * inv_t  # the max of logits / T (rounding is monotone)
     m = torch.where(torch.isfinite(m_raw), m_raw, 0.0)
-    zs_k = logits.gather(1, indices).to(dtype) * inv_t + 0.0
+    zs_k = gathered_scaled(logits, indices, dtype, inv_t)
     z_in = row_sum(torch.where(present, (zs_k - m[:, None]).exp(), 0.0))
     shifted = shifted_into(work, logits, m[:, None], inv_t)
     outside = shifted.scatter_(1, indices, fill_values(
@@ -227,9 +233,9 @@ def unit_category_gradient(s2d, indices, logprobs, row_stats, cfg):
     blocks."""
     indices, present, logprobs = prepare(indices, logprobs, cfg)
     inv_t = 1.0 / cfg.temperature
-    zs_k = s2d.gather(1, indices).to(row_stats.dtype) * inv_t + 0.0
     unit = torch.full_like(row_stats[:, 0], cfg.divergence_weight * inv_t)
-    return category_gradient(zs_k, logprobs, present, row_stats, unit, cfg)
+    return category_gradient(gathered_scaled(s2d, indices, row_stats.dtype, inv_t), logprobs,
+                             present, row_stats, unit, cfg)
 
 
 def backward(s2d, indices, logprobs, row_stats, coef, cfg, *, labels=None, grad_dtype=None,
@@ -246,9 +252,9 @@ def backward(s2d, indices, logprobs, row_stats, coef, cfg, *, labels=None, grad_
     with_divergence, with_ce = cfg.divergence_weight != 0, cfg.cross_entropy_weight != 0
     if with_divergence:
         if category_grad is None:
-            zs_k = s2d.gather(1, indices).to(dtype) * inv_t + 0.0
-            category_grad = category_gradient(zs_k, logprobs, present, row_stats,
-                                              divergence_coef, cfg)
+            category_grad = category_gradient(gathered_scaled(s2d, indices, dtype, inv_t),
+                                              logprobs, present, row_stats, divergence_coef,
+                                              cfg)
         else:
             category_grad = category_grad * coef[:, None]
     # Where the gradient has the compute dtype it is formed in place, chunk by chunk; else in

@@ -193,19 +193,20 @@ def forward(s2d, indices, logprobs, valid, cfg, *, labels=None, head_stats=False
     outputs = RowOutputs.empty(n_rows, N_TOPK_STATS, dtype, s2d.device, cfg, head_stats)
     if n_rows == 0:
         return outputs.result()
-    side = torch.empty(n_rows, 6, dtype=torch.float32, device=s2d.device)
+    side = torch.empty(n_rows, _N_SIDE.value, dtype=torch.float32, device=s2d.device)
     k = indices.shape[1]
     settings = launch.topk_launch(vocab)
     _student_side_kernel[(n_rows,)](
         s2d, _kernel_indices(indices, present), side, vocab, k, s2d.stride(0),
         1.0 / cfg.temperature, cfg.temperature, WITH_CE=cfg.with_ce, K_BLOCK=k_block(k),
         **settings)
-    zs_k = s2d.gather(1, indices).to(torch.float32) * (1.0 / cfg.temperature) + 0.0
-    broken = side[:, 3] != 0
-    student = torch_topk.StudentSide(zs_k, side[:, 0], side[:, 1], side[:, 2], broken)
+    zs_k = torch_topk.gathered_scaled(s2d, indices, torch.float32, 1.0 / cfg.temperature)
+    column = lambda c: side[:, c.value]  # noqa: E731
+    student = torch_topk.StudentSide(zs_k, column(_M), column(_LOGZ), column(_LOGZ_REST),
+                                     column(_BAD) != 0)
     ce = None
     if cfg.with_ce:
-        m_1, logz_1 = side[:, 4], side[:, 5]
+        m_1, logz_1 = column(_M_1), column(_LOGZ_1)
         target = s2d.gather(1, labels.clamp(0, vocab - 1)[:, None])[:, 0].to(torch.float32)
         ce = ((m_1 - target) + logz_1, m_1, logz_1)
     torch_topk.store_rows(outputs, torch.arange(n_rows, device=s2d.device), student, logprobs,
@@ -231,7 +232,7 @@ def backward(s2d, indices, logprobs, row_stats, coef, cfg, *, labels=None, grad_
     elif category_grad is not None:
         g_cat = category_grad * coef[:, None]
     else:
-        zs_k = s2d.gather(1, indices).to(torch.float32) * inv_t + 0.0
+        zs_k = torch_topk.gathered_scaled(s2d, indices, torch.float32, inv_t)
         g_cat = torch_topk.category_gradient(zs_k, logprobs, present, st,
                                              coef * (cfg.divergence_weight * inv_t), cfg)
     g_cat = torch.where(broken[:, None], float("nan"), g_cat)

@@ -21,12 +21,17 @@ from akl_kernels.losses import (
 )
 from akl_kernels.row_results import reduce_rows
 from akl_kernels.topk_teacher import TopKTeacher
+from akl_kernels.vocab_shards import group_name
 
 
 def _fused_linear(cfg, student_hidden, student_weight, labels, *, teacher_hidden,
                   teacher_weight, teacher_logits, student_bias, teacher_bias, ignore_index,
-                  reduction, chunk_size, backend, check_values):
+                  reduction, chunk_size, backend, check_values, process_group):
     """Shared body: checks, the valid rows, the custom operator, the reduction."""
+    group = group_name(process_group)
+    if group and isinstance(teacher_logits, TopKTeacher):
+        raise ValueError("a TopKTeacher takes no process_group: sparse teachers over "
+                         "vocabulary slices are not supported")
     teacher_optional = cfg.with_ce and cfg.kd_ratio == 0.0
     checks.check_linear_inputs(student_hidden, student_weight, student_bias, teacher_hidden,
                                teacher_weight, teacher_bias, teacher_logits,
@@ -51,7 +56,7 @@ def _fused_linear(cfg, student_hidden, student_weight, labels, *, teacher_hidden
     flat_labels = labels.reshape(n_rows).long() if cfg.with_ce else None
     loss, parts = fused_linear_rows(hidden, student_weight, student_bias, teacher, valid, cfg,
                                     backend=backend, labels=flat_labels, chunk_size=chunk_size,
-                                    check_values=check_values)
+                                    check_values=check_values, process_group=group)
     reduce = lambda rows: reduce_rows(rows, valid, reduction, lead)  # noqa: E731
     return reduce(loss), None if parts is None else (reduce(parts[:, 0]), reduce(parts[:, 1]))
 
@@ -60,7 +65,7 @@ def fused_linear_loss(student_hidden, student_weight, labels=None, *, divergence
                       teacher_hidden=None, teacher_weight=None, teacher_logits=None,
                       student_bias=None, teacher_bias=None, temperature=1.0, ignore_index=-100,
                       reduction="mean", chunk_size=None, backend="auto", check_values=True,
-                      **divergence_options):
+                      process_group=None, **divergence_options):
     """``divergence`` (any of the library's: "akl", "fkl", "rkl", "jsd", "skew_fkl",
     "skew_rkl", "tvd", "mixed_kl", with its options by keyword as in ``distillation_loss``)
     between ``student_hidden @ student_weight.T + student_bias`` and the teacher's logits, given
@@ -70,14 +75,23 @@ def fused_linear_loss(student_hidden, student_weight, labels=None, *, divergence
     in row chunks (``chunk_size`` rows; by default from V and a 256 MiB budget,
     ``AKL_FUSED_LINEAR_BUDGET_MB``). Gradients flow to the student's hidden states, weight and
     bias. Reductions, ``labels`` and ``ignore_index`` as in ``akl_loss``. One host sync per call
-    finds the rows that are not ignored."""
+    finds the rows that are not ignored.
+
+    ``process_group``: the column-parallel LM head of tensor parallelism (docs/contract.md §7).
+    ``student_weight`` and ``student_bias`` (and the teacher's weight and bias, or its logits)
+    are this rank's contiguous slice of the vocabulary, the hidden states are replicated and
+    the labels are global token ids (the same on every rank). The loss is the whole
+    vocabulary's on every rank; the weight's and bias's gradients are this slice's, and the
+    hidden states' gradient is this slice's partial sum, which the column-parallel layer
+    all-reduces (Megatron's convention)."""
     cfg = make_config(divergence, divergence_options, temperature=temperature,
                       tail=tail_of(teacher_logits))
     loss, _ = _fused_linear(
         cfg, student_hidden, student_weight, labels, teacher_hidden=teacher_hidden,
         teacher_weight=teacher_weight, teacher_logits=teacher_logits, student_bias=student_bias,
         teacher_bias=teacher_bias, ignore_index=ignore_index, reduction=reduction,
-        chunk_size=chunk_size, backend=backend, check_values=check_values)
+        chunk_size=chunk_size, backend=backend, check_values=check_values,
+        process_group=process_group)
     return loss
 
 
@@ -104,7 +118,7 @@ def fused_linear_distillation_loss(student_hidden, student_weight, labels, *, di
                                    teacher_logits=None, student_bias=None, teacher_bias=None,
                                    temperature=1.0, ignore_index=-100, reduction="mean",
                                    chunk_size=None, backend="auto", return_parts=False,
-                                   check_values=True, **divergence_options):
+                                   check_values=True, process_group=None, **divergence_options):
     """``distillation_loss`` (``(1 - kd_ratio) CE + kd_ratio divergence``) from hidden states;
     the cross-entropy is fused into the same passes. Options as ``fused_linear_loss``. At
     ``kd_ratio = 0`` the teacher may be left out: the loss is then the cross-entropy alone."""
@@ -117,7 +131,8 @@ def fused_linear_distillation_loss(student_hidden, student_weight, labels, *, di
         cfg, student_hidden, student_weight, labels, teacher_hidden=teacher_hidden,
         teacher_weight=teacher_weight, teacher_logits=teacher_logits, student_bias=student_bias,
         teacher_bias=teacher_bias, ignore_index=ignore_index, reduction=reduction,
-        chunk_size=chunk_size, backend=backend, check_values=check_values)
+        chunk_size=chunk_size, backend=backend, check_values=check_values,
+        process_group=process_group)
     if return_parts:
         divergence_part, ce_part = parts
         return DistillationOutput(loss, ce_part, divergence_part)

@@ -18,6 +18,7 @@ import torch
 
 from akl_kernels import validation as checks
 from akl_kernels.backends import get_backend
+from akl_kernels.backends.torch import vocab_parallel
 from akl_kernels.config import LossConfig, schema_arguments
 from akl_kernels.divergence_op import refuse_double_backward
 from akl_kernels.fused_linear_sweeps import (
@@ -29,12 +30,13 @@ from akl_kernels.fused_linear_sweeps import (
     plan_tiles,
 )
 from akl_kernels.row_results import N_ROW_STATS, N_TOPK_STATS, as_rows, loss_dtype
+from akl_kernels.vocab_shards import resolve_group, slice_layout
 
 _TENSORS = ("Tensor hidden, Tensor weight, Tensor? bias, Tensor? teacher_hidden, "
             "Tensor? teacher_weight, Tensor? teacher_bias, Tensor? teacher_logits, "
             "Tensor? teacher_indices, Tensor valid")
 _N_TENSORS = _TENSORS.count("Tensor")
-_OPTIONS = f"int chunk_size, str backend, {schema_arguments()}"
+_OPTIONS = f"int chunk_size, str backend, str process_group, {schema_arguments()}"
 
 
 def _pick(x, rows):
@@ -69,10 +71,23 @@ def _stats_width(cfg, teacher_indices):
     return N_TOPK_STATS + teacher_indices.shape[1] + (cfg.tail == "bucket")
 
 
-def _tiles(hidden, weight, teacher_hidden, teacher_logits, n_valid, chunk_size):
+def _tiles(hidden, weight, teacher_hidden, teacher_logits, n_valid, chunk_size, vocab=None):
+    """The sweeps' tiles; ``vocab`` (default the weight's rows) sizes them: over vocabulary
+    slices the widest slice's, so that every rank sweeps as many row chunks (each chunk's
+    forward makes the same collectives on every rank)."""
     teacher = teacher_logits if teacher_logits is not None else teacher_hidden
     wide = loss_dtype(hidden, *(() if teacher is None else (teacher,)))
-    return plan_tiles(n_valid, weight.shape[0], wide, chunk_size or None)
+    return plan_tiles(n_valid, vocab or weight.shape[0], wide, chunk_size or None)
+
+
+def _sliced(backend, process_group, weight):
+    """(the backend, the layout of this rank's slice or None) for a call over vocabulary
+    slices (``process_group`` a group's name) or not ("")."""
+    if not process_group:
+        return get_backend(backend), None
+    group = resolve_group(process_group)
+    layout = slice_layout(weight.shape[0], group, weight.device)
+    return vocab_parallel.SlicedBackend(get_backend(backend), group), layout
 
 
 def _scatter_rows(values, rows, n_rows):
@@ -85,17 +100,21 @@ def _scatter_rows(values, rows, n_rows):
 
 
 def _forward(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, teacher_logits,
-             teacher_indices, valid, labels, chunk_size, backend, *fields_and_flag):
+             teacher_indices, valid, labels, chunk_size, backend, process_group,
+             *fields_and_flag):
     *fields, check_values = fields_and_flag
     cfg = LossConfig(*fields)
+    chosen, layout = _sliced(backend, process_group, weight)
     if cfg.with_ce and check_values:
-        checks.check_class_labels(labels, valid, weight.shape[0])
+        checks.check_class_labels(labels, valid, weight.shape[0] if layout is None
+                                  else layout.vocab)
     if teacher_indices is not None and check_values:
         checks.check_topk_values(teacher_indices, teacher_logits, weight.shape[0])
     n_rows = hidden.shape[0]
     rows = _valid_indices(valid)
     n_valid = n_rows if rows is None else rows.numel()
-    tiles = _tiles(hidden, weight, teacher_hidden, teacher_logits, n_valid, chunk_size)
+    tiles = _tiles(hidden, weight, teacher_hidden, teacher_logits, n_valid, chunk_size,
+                   None if layout is None else layout.widest)
     loss = hidden.new_zeros(n_rows, dtype=tiles.dtype)
     row_stats = hidden.new_zeros(n_rows, _stats_width(cfg, teacher_indices), dtype=tiles.dtype)
     parts = hidden.new_zeros(n_rows if cfg.with_ce else 0, 2, dtype=tiles.dtype)
@@ -107,7 +126,7 @@ def _forward(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias,
         student, teacher = _heads(hidden, weight, bias, teacher_hidden, teacher_weight,
                                   teacher_bias, teacher_logits, teacher_indices, rows)
         row_loss, stats, row_parts = forward_sweep(student, teacher, _pick(labels, rows), cfg,
-                                                   get_backend(backend), tiles)
+                                                   chosen, tiles)
     loss = _scatter_rows(row_loss, rows, n_rows)
     row_stats = _scatter_rows(stats, rows, n_rows)
     if cfg.with_ce:
@@ -124,7 +143,7 @@ _forward_op = torch.library.custom_op(
 @_forward_op.register_fake
 def _forward_fake(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias,
                   teacher_logits, teacher_indices, valid, labels, chunk_size, backend,
-                  *fields_and_flag):
+                  process_group, *fields_and_flag):
     cfg = LossConfig(*fields_and_flag[:-1])
     n = hidden.shape[0]
     teacher = teacher_logits if teacher_logits is not None else teacher_hidden
@@ -135,10 +154,13 @@ def _forward_fake(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_
 
 
 def _grad(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, teacher_logits,
-          teacher_indices, valid, row_stats, grad_rows, labels, chunk_size, backend,
+          teacher_indices, valid, row_stats, grad_rows, labels, chunk_size, backend, process_group,
           *fields_and_flags):
     *fields, need_hidden, need_weight, need_bias = fields_and_flags
     cfg = LossConfig(*fields)
+    chosen, layout = _sliced(backend, process_group, weight)
+    if layout is not None and labels is not None:
+        labels = labels - layout.offset  # the backward pass is this slice's own
     rows = _valid_indices(valid)
     n_valid = hidden.shape[0] if rows is None else rows.numel()
     tiles = _tiles(hidden, weight, teacher_hidden, teacher_logits, n_valid, chunk_size)
@@ -147,7 +169,7 @@ def _grad(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, te
                                   teacher_bias, teacher_logits, teacher_indices, rows)
         grad_hidden, grad_weight, grad_bias = backward_sweep(
             student, teacher, _pick(row_stats, rows), _pick(grad_rows.to(tiles.dtype), rows),
-            _pick(labels, rows), cfg, get_backend(backend), tiles, need_hidden=need_hidden,
+            _pick(labels, rows), cfg, chosen, tiles, need_hidden=need_hidden,
             need_weight=need_weight, need_bias=need_bias)
     # Not needed: an empty tensor of its own (an operator returns tensors, not None, and its
     # outputs must not alias one another).
@@ -201,16 +223,18 @@ _forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def fused_linear_rows(hidden, weight, bias, teacher, valid, cfg: LossConfig, *, backend: str,
-                      labels=None, chunk_size=None, check_values=True):
+                      labels=None, chunk_size=None, check_values=True, process_group=""):
     """(loss [N], parts [N, 2] or None) of rows ``hidden`` [N, H] through ``weight`` [V, H]
     and ``bias`` against ``teacher``: a dict with ``teacher_hidden``, ``teacher_weight``,
     ``teacher_bias``, ``teacher_logits`` and ``teacher_indices`` entries (absent ones None; a
     sparse teacher is its [N, k] log-probabilities as ``teacher_logits`` with its
     ``teacher_indices``); differentiable in
-    ``hidden``, ``weight`` and ``bias``."""
+    ``hidden``, ``weight`` and ``bias``. With ``process_group`` (a group's name) ``weight``,
+    ``bias`` and the teacher's weight, bias or logits are this rank's vocabulary slice, and the
+    hidden states' gradient is this slice's partial sum."""
     loss, _, parts = _forward_op(
         hidden, weight, bias, teacher.get("teacher_hidden"), teacher.get("teacher_weight"),
         teacher.get("teacher_bias"), teacher.get("teacher_logits"),
-        teacher.get("teacher_indices"), valid, labels, chunk_size or 0, backend, *cfg.fields(),
-        check_values)
+        teacher.get("teacher_indices"), valid, labels, chunk_size or 0, backend, process_group,
+        *cfg.fields(), check_values)
     return loss, parts if cfg.with_ce else None

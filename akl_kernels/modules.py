@@ -8,6 +8,7 @@ from akl_kernels import validation as checks
 from akl_kernels.config import make_config
 from akl_kernels.fused_linear_losses import fused_linear_distillation_loss, fused_linear_loss
 from akl_kernels.losses import distillation_loss, divergence_loss
+from akl_kernels.vocab_shards import group_name
 
 
 def _check_call_options(*, ignore_index, reduction, backend, check_values):
@@ -30,17 +31,21 @@ class DivergenceLoss(_OptionsRepr):
     ``akl_kernels.divergence_loss``. The named Modules below fix the divergence."""
 
     def __init__(self, divergence="akl", *, temperature=1.0, ignore_index=-100,
-                 reduction="mean", backend="auto", check_values=True, **divergence_options):
+                 reduction="mean", backend="auto", check_values=True, process_group=None,
+                 **divergence_options):
         super().__init__()
         make_config(divergence, divergence_options, temperature=temperature)
         _check_call_options(ignore_index=ignore_index, reduction=reduction, backend=backend,
                             check_values=check_values)
+        group_name(process_group)
+        self.process_group = process_group  # not an option: a group has no useful repr
         self.options = dict(divergence=divergence, temperature=temperature,
                             ignore_index=ignore_index, reduction=reduction, backend=backend,
                             check_values=check_values, **divergence_options)
 
     def forward(self, student_logits, teacher_logits, labels=None):
-        return divergence_loss(student_logits, teacher_logits, labels, **self.options)
+        return divergence_loss(student_logits, teacher_logits, labels,
+                               process_group=self.process_group, **self.options)
 
 
 class FKLLoss(DivergenceLoss):
@@ -107,19 +112,22 @@ class DistillationLoss(_OptionsRepr):
 
     def __init__(self, divergence="akl", *, kd_ratio=0.5, temperature=1.0, ignore_index=-100,
                  reduction="mean", backend="auto", return_parts=False, check_values=True,
-                 **divergence_options):
+                 process_group=None, **divergence_options):
         super().__init__()
         make_config(divergence, divergence_options, temperature=temperature, kd_ratio=kd_ratio)
         _check_call_options(ignore_index=ignore_index, reduction=reduction, backend=backend,
                             check_values=check_values)
         checks.check_bool("return_parts", return_parts)
+        group_name(process_group)
+        self.process_group = process_group
         self.options = dict(divergence=divergence, kd_ratio=kd_ratio, temperature=temperature,
                             ignore_index=ignore_index, reduction=reduction, backend=backend,
                             return_parts=return_parts, check_values=check_values,
                             **divergence_options)
 
     def forward(self, student_logits, teacher_logits, labels):
-        return distillation_loss(student_logits, teacher_logits, labels, **self.options)
+        return distillation_loss(student_logits, teacher_logits, labels,
+                                 process_group=self.process_group, **self.options)
 
 
 class FusedLinearLoss(_OptionsRepr):
@@ -134,12 +142,14 @@ class FusedLinearLoss(_OptionsRepr):
 
     def __init__(self, divergence="akl", *, temperature=1.0, ignore_index=-100,
                  reduction="mean", chunk_size=None, backend="auto", check_values=True,
-                 **divergence_options):
+                 process_group=None, **divergence_options):
         super().__init__()
         make_config(divergence, divergence_options, temperature=temperature)
         _check_call_options(ignore_index=ignore_index, reduction=reduction, backend=backend,
                             check_values=check_values)
         checks.check_chunk_size(chunk_size)
+        group_name(process_group)
+        self.process_group = process_group
         self.options = dict(divergence=divergence, temperature=temperature,
                             ignore_index=ignore_index, reduction=reduction,
                             chunk_size=chunk_size, backend=backend, check_values=check_values,
@@ -147,7 +157,7 @@ class FusedLinearLoss(_OptionsRepr):
 
     def forward(self, student_hidden, student_weight, labels=None, **teacher_and_biases):
         return self._fused_loss(student_hidden, student_weight, labels, **teacher_and_biases,
-                                **self.options)
+                                process_group=self.process_group, **self.options)
 
 
 class FusedLinearAKLLoss(FusedLinearLoss):

@@ -170,3 +170,21 @@ def test_sparse_teacher_benchmark_runs_and_agrees(tmp_path):
                                                             rel=1e-5)
     assert all(r["forward_backward_ms"] > 0 and r["peak_extra_bytes"] >= 0 for r in records)
     assert "| fkl | plain |" in (tmp_path / "sparse_teacher.md").read_text()
+
+
+def test_vocab_parallel_benchmark_counts_the_documented_rounds(tmp_path):
+    """benchmarks.vocab_parallel on a tiny shape: 2 gloo ranks, the rounds of each call
+    recorded (3 for FKL; AKL 7 with a float32 teacher, 6 with bf16; none in backward) and the
+    wall time beside one process's."""
+    from benchmarks import vocab_parallel as bench
+
+    assert bench.main(["--n", "8", "--vocab", "300", "--ranks", "2", "--repeats", "1",
+                       "--out", str(tmp_path)]) == 0
+    record = json.loads((tmp_path / "vocab_parallel.json").read_text())
+    rounds = {key: len(entry["forward"]) for key, entry in record["ranks"]["2"].items()}
+    assert rounds == {"fkl-float32": 3, "akl-float32": 7, "fkl-bfloat16": 3,
+                      "akl-bfloat16": 6}
+    assert all(not entry["backward"] for entry in record["ranks"]["2"].values())
+    assert record["single_process_ms"]["akl"] > 0
+    assert record["ranks"]["2"]["akl-float32"]["ms"] > 0
+    assert "| akl | float32 | 2 | 7 | 0 |" in (tmp_path / "vocab_parallel.md").read_text()

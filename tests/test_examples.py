@@ -69,3 +69,26 @@ def test_first_k_of_the_cache_is_the_cache_written_at_k(tmp_path):
     written, _, _ = distill_offline.write_cache(teacher, sequences, tmp_path / "k4", 4)
     assert cut.features == written.features
     assert cut.to_dict() == written.to_dict()
+
+
+def test_vocab_parallel_example_under_torchrun_matches_one_process():
+    """The README's ``torchrun --nproc-per-node 2 -m examples.vocab_parallel`` on CPU: the
+    loss curve of 2 gloo ranks, each holding half of both LM heads, is one process's."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from examples import vocab_parallel
+
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m",
+         "examples.vocab_parallel", "--steps", "4"],
+        cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=300,
+        check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "slices of [501, 500]" in done.stdout
+    curve = [float(line.split()[-1]) for line in done.stdout.splitlines()
+             if line.startswith("step")]
+    single = vocab_parallel.run(steps=4)
+    assert len(curve) == 4 and curve[-1] < curve[0]
+    assert curve == pytest.approx(single, rel=1e-5)

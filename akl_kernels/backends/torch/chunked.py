@@ -13,6 +13,7 @@ fallback syncs the host once per chunk to choose paths and size the head-split c
 
 from __future__ import annotations
 
+import enum
 from typing import NamedTuple
 
 import torch
@@ -90,20 +91,6 @@ def row_groups(zs, zt):
         yield (~finite).nonzero()[:, 0], False
 
 
-class _Terms(NamedTuple):
-    m_s: torch.Tensor  # row maxima and log-normalisers of the shifted logits (RowStat)
-    logz_s: torch.Tensor
-    m_t: torch.Tensor
-    logz_t: torch.Tensor
-    fkl: torch.Tensor
-    rkl: torch.Tensor
-    p_c: torch.Tensor
-    q_c: torch.Tensor
-    p: torch.Tensor  # teacher probabilities
-    q: torch.Tensor  # student probabilities
-    broken: torch.Tensor | None  # rows whose divergence is NaN (_broken_rows)
-
-
 def _log_softmax_parts(z):
     """(log softmax of z, row max, log of the shifted sum); z is shifted in place.
 
@@ -117,99 +104,122 @@ def _log_softmax_parts(z):
     return shifted.sub_(logz[:, None]), m[:, 0], logz
 
 
-def _finite_terms(zs, zt):
-    """Every logit finite: C is everything, so no masks (the common case, and the fast one).
-
-    log q, log p and the log-ratio are formed per element exactly as backward forms them, so
-    terms that cancel there (RKL against q (log q - log p), a one-hot student) cancel to the
-    last bit. Consumes zs and zt.
-    """
-    log_q, m_s, logz_s = _log_softmax_parts(zs)
-    log_p, m_t, logz_t = _log_softmax_parts(zt)
-    p, q = log_p.exp(), log_q.exp()
-    log_ratio = log_p.sub_(log_q)  # log p - log q
-    fkl = row_sum(p * log_ratio)
-    rkl = -row_sum(q * log_ratio)
-    ones = torch.ones_like(fkl)
-    return _Terms(m_s, logz_s, m_t, logz_t, fkl, rkl, ones, ones, p, q, None)
-
-
-def _masked_terms(zs, zt):
-    """The general case: -inf positions leave C (docs/contract.md §2). Consumes zs and zt."""
-    contributing = _contributing(zs, zt)
-    poisoned = _poisoned(zs) | _poisoned(zt)
-    log_q, m_s, logz_s = _log_softmax_parts(zs)
-    log_p, m_t, logz_t = _log_softmax_parts(zt)
-    q, p = log_q.exp(), log_p.exp()
-    log_ratio = torch.where(contributing, log_p - log_q, 0.0)  # log p - log q on C
-    # 1 - (mass outside C): exactly 1 when every position contributes (as in the kernels),
-    # so identical models get an exactly zero gradient.
-    p_c = 1.0 - row_sum(torch.where(contributing, 0.0, p)) / row_sum(p)
-    q_c = 1.0 - row_sum(torch.where(contributing, 0.0, q)) / row_sum(q)
-    fkl = row_sum(p * log_ratio)
-    rkl = -row_sum(q * log_ratio)
-    return _Terms(m_s, logz_s, m_t, logz_t, fkl, rkl, p_c, q_c, p, q,
-                  _broken_rows(poisoned, logz_s, logz_t))
-
-
-def _contributing(zs, zt):
-    # C: both logits differ from -inf (NaN and +inf stay in and poison the row).
+def contributing_positions(zs, zt):
+    """C: both logits differ from -inf (NaN and +inf stay in and poison the row)."""
     return (zs != float("-inf")) & (zt != float("-inf"))
 
 
-def _poisoned(z):
+def poisoned_rows(z):
     return (torch.isnan(z) | (z == float("inf"))).any(dim=1)
 
 
-def _broken_rows(poisoned, logz_s, logz_t):
+def broken_rows(poisoned, logz_s, logz_t):
     """Rows whose divergence is NaN: a NaN or +inf logit, or a model whose logits are all -inf
     (its log-normaliser is -inf)."""
     return poisoned | torch.isneginf(logz_s) | torch.isneginf(logz_t)
 
 
-def _head_weights(head_of, p, q):
-    head = head_of(p)
-    err = (p - q).abs_()
-    total = row_sum(err)
-    head_gap = row_sum(torch.where(head, err, 0.0))
-    head_weight = torch.where(total > 0, head_gap / torch.where(total > 0, total, 1.0), 0.5)
-    head_mass = row_sum(torch.where(head, p, 0.0))
-    return HeadTailStats(head_gap, total - head_gap, head_weight, head.sum(dim=1), head_mass)
+class Sum(enum.IntEnum):
+    """The sums along a row that a divergence's loss and statistics are made of, given both
+    models' log-probabilities. Each is a sum over the row's positions, so a vocabulary shard's
+    sums add up to the whole row's (backends/torch/vocab_parallel.py)."""
+
+    FKL = 0  # sum_C p log(p / q)
+    RKL = 1  # sum_C q log(q / p)
+    P_OUT = 2  # the teacher's mass outside C, and its whole mass (P_C = 1 - P_OUT / P_ALL)
+    P_ALL = 3
+    Q_OUT = 4
+    Q_ALL = 5
+    HEAD_GAP = 6  # AKL: sum over the head of |p - q|, over the row, the head's size and mass
+    GAP = 7
+    HEAD_COUNT = 8
+    HEAD_MASS = 9
+    F = 10  # the pointwise family: sum_C f, sum e (pointwise.row_terms), TVD's masses
+    H_SUM = 11
+    Q_ABOVE = 12
+    Q_BELOW = 13
+    Q_REST = 14
 
 
-def _pointwise_rows(zs, zt, finite, cfg):
-    """The pointwise family: D = sum_C f and its gradient's sums per row (consumes zs, zt)."""
-    contributing = None if finite else _contributing(zs, zt)
-    poisoned = None if finite else _poisoned(zs) | _poisoned(zt)
-    log_q, m_s, logz_s = _log_softmax_parts(zs)
-    log_p, m_t, logz_t = _log_softmax_parts(zt)
-    f, e = pointwise.row_terms(cfg.kind, log_p, log_q, cfg.param, contributing)
-    columns = {S.M_S: m_s, S.LOGZ_S: logz_s, S.M_T: m_t, S.LOGZ_T: logz_t, S.H_SUM: row_sum(e)}
-    if cfg.kind == "tvd":
-        columns.update(zip((S.Q_ABOVE, S.Q_BELOW, S.Q_REST),
-                           pointwise.tvd_masses(log_p, log_q, contributing), strict=True))
-    broken = None if finite else _broken_rows(poisoned, logz_s, logz_t)
-    return row_sum(f), columns, None, broken
+N_SUMS = len(Sum)
 
 
-def _row_results(zs, zt, head_of, finite, cfg):
-    """Per-row loss, statistics columns, AKL split and broken rows (None: none) of a block of
-    rows (consumes zs, zt; ``head_of(p)``: AKL's head mask given the teacher's p)."""
+def row_sums(log_p, log_q, contributing, head_of, cfg, *, totals):
+    """The ``Sum`` columns ``cfg``'s divergence needs, per row of a block: ``contributing``
+    is C (None: every position), ``head_of(p)`` AKL's head mask; ``totals`` asks for P_ALL and
+    Q_ALL even where every position contributes (a shard's rows need them: another shard may
+    hold -inf positions). Consumes log_p."""
     if cfg.kind in POINTWISE:
-        return _pointwise_rows(zs, zt, finite, cfg)
-    row_terms = _finite_terms if finite else _masked_terms
-    terms = row_terms(zs, zt)
+        f, e = pointwise.row_terms(cfg.kind, log_p, log_q, cfg.param, contributing)
+        sums = {Sum.F: row_sum(f), Sum.H_SUM: row_sum(e)}
+        if cfg.kind == "tvd":
+            sums.update(zip((Sum.Q_ABOVE, Sum.Q_BELOW, Sum.Q_REST),
+                            pointwise.tvd_masses(log_p, log_q, contributing), strict=True))
+        return sums
+    # log q, log p and the log-ratio are formed per element exactly as backward forms them,
+    # so terms that cancel there (RKL against q (log q - log p), a one-hot student) cancel to
+    # the last bit.
+    p, q = log_p.exp(), log_q.exp()
+    if contributing is None:
+        log_ratio = log_p.sub_(log_q)  # log p - log q
+    else:
+        log_ratio = torch.where(contributing, log_p - log_q, 0.0)
+    sums = {Sum.FKL: row_sum(p * log_ratio), Sum.RKL: -row_sum(q * log_ratio)}
+    if contributing is not None:
+        sums[Sum.P_OUT] = row_sum(torch.where(contributing, 0.0, p))
+        sums[Sum.Q_OUT] = row_sum(torch.where(contributing, 0.0, q))
+    if contributing is not None or totals:
+        sums[Sum.P_ALL], sums[Sum.Q_ALL] = row_sum(p), row_sum(q)
+    if cfg.needs_head_split:
+        head = head_of(p)
+        err = (p - q).abs_()
+        sums[Sum.GAP] = row_sum(err)
+        sums[Sum.HEAD_GAP] = row_sum(torch.where(head, err, 0.0))
+        sums[Sum.HEAD_COUNT] = head.sum(dim=1).to(p.dtype)
+        sums[Sum.HEAD_MASS] = row_sum(torch.where(head, p, 0.0))
+    return sums
+
+
+def _inside(sums, out, total):
+    """1 - (mass outside C) / (whole mass): exactly 1 where every position contributes (as in
+    the kernels), so identical models get an exactly zero gradient."""
+    if out not in sums:
+        return torch.ones_like(sums[Sum.FKL])
+    return 1.0 - sums[out] / sums[total]
+
+
+def combine_sums(sums, cfg):
+    """(loss rows, statistics columns by RowStat, AKL split or None) from a block's ``Sum``
+    columns (the normalisers' columns are the caller's)."""
+    if cfg.kind in POINTWISE:
+        columns = {S.H_SUM: sums[Sum.H_SUM]}
+        if cfg.kind == "tvd":
+            columns.update({S.Q_ABOVE: sums[Sum.Q_ABOVE], S.Q_BELOW: sums[Sum.Q_BELOW],
+                            S.Q_REST: sums[Sum.Q_REST]})
+        return sums[Sum.F], columns, None
+    fkl, rkl = sums[Sum.FKL], sums[Sum.RKL]
     head = None
     if cfg.needs_head_split:
-        head = _head_weights(head_of, terms.p, terms.q)
+        total, head_gap = sums[Sum.GAP], sums[Sum.HEAD_GAP]
+        head_weight = torch.where(total > 0, head_gap / torch.where(total > 0, total, 1.0), 0.5)
+        head = HeadTailStats(head_gap, total - head_gap, head_weight,
+                             sums[Sum.HEAD_COUNT].round().long(), sums[Sum.HEAD_MASS])
         w_f = head.head_weight
     else:
-        w_f = torch.full_like(terms.fkl, cfg.fkl_weight)
-    rows = w_f * terms.fkl + (1.0 - w_f) * terms.rkl
-    columns = {S.M_S: terms.m_s, S.LOGZ_S: terms.logz_s, S.M_T: terms.m_t,
-               S.LOGZ_T: terms.logz_t, S.RKL: terms.rkl, S.P_C: terms.p_c, S.Q_C: terms.q_c,
-               S.W_F: w_f, S.W_R: 1.0 - w_f}
-    return rows, columns, head, terms.broken
+        w_f = torch.full_like(fkl, cfg.fkl_weight)
+    rows = w_f * fkl + (1.0 - w_f) * rkl
+    columns = {S.RKL: rkl, S.P_C: _inside(sums, Sum.P_OUT, Sum.P_ALL),
+               S.Q_C: _inside(sums, Sum.Q_OUT, Sum.Q_ALL), S.W_F: w_f, S.W_R: 1.0 - w_f}
+    return rows, columns, head
+
+
+def with_broken_rows(loss_rows, columns, broken):
+    """The loss and the gradient's columns NaN at ``broken`` rows (None: none)."""
+    if broken is None:
+        return loss_rows
+    for column in _DIVERGENCE_GRADIENT_COLUMNS:
+        columns[column] = torch.where(broken, float("nan"), columns.get(column, 0.0))
+    return torch.where(broken, float("nan"), loss_rows)
 
 
 def cross_entropy(s1, labels):
@@ -222,14 +232,18 @@ def cross_entropy(s1, labels):
 
 
 def group_results(zs, zt, head_of, finite, cfg):
-    """``_row_results`` of a row group with its broken rows' loss and gradient columns NaN:
-    (loss rows, statistics columns by RowStat, AKL split or None). Consumes zs and zt."""
-    loss_rows, columns, head, broken = _row_results(zs, zt, head_of, finite, cfg)
-    if broken is not None:
-        loss_rows = torch.where(broken, float("nan"), loss_rows)
-        for column in _DIVERGENCE_GRADIENT_COLUMNS:
-            columns[column] = torch.where(broken, float("nan"), columns.get(column, 0.0))
-    return loss_rows, columns, head
+    """A row group's (loss rows, statistics columns by RowStat, AKL split or None), its
+    broken rows' loss and gradient columns NaN; ``head_of(p)``: AKL's head mask given the
+    teacher's p. Consumes zs and zt."""
+    contributing = None if finite else contributing_positions(zs, zt)
+    poisoned = None if finite else poisoned_rows(zs) | poisoned_rows(zt)
+    log_q, m_s, logz_s = _log_softmax_parts(zs)
+    log_p, m_t, logz_t = _log_softmax_parts(zt)
+    sums = row_sums(log_p, log_q, contributing, head_of, cfg, totals=False)
+    loss_rows, columns, head = combine_sums(sums, cfg)
+    columns.update({S.M_S: m_s, S.LOGZ_S: logz_s, S.M_T: m_t, S.LOGZ_T: logz_t})
+    broken = None if finite else broken_rows(poisoned, logz_s, logz_t)
+    return with_broken_rows(loss_rows, columns, broken), columns, head
 
 
 class RowOutputs(NamedTuple):
@@ -313,7 +327,7 @@ def _finite_grad(zs, zt, st, coef):
 
 def _masked_grad(zs, zt, st, coef):
     col = lambda stat: _column(st, stat)  # noqa: E731
-    contributing = _contributing(zs, zt)
+    contributing = contributing_positions(zs, zt)
     log_q = zs.sub_(col(S.M_S)).sub_(col(S.LOGZ_S))
     log_p = zt.sub_(col(S.M_T)).sub_(col(S.LOGZ_T))
     q, p = log_q.exp(), log_p.exp()
@@ -330,7 +344,7 @@ def _pointwise_grad(zs, zt, st, coef, cfg, finite):
     """coef * (e - q H_SUM): the pointwise family's gradient (pointwise.row_terms; TVD's from
     its masses). Consumes zs and zt."""
     col = lambda stat: _column(st, stat)  # noqa: E731
-    contributing = None if finite else _contributing(zs, zt)
+    contributing = None if finite else contributing_positions(zs, zt)
     log_q = zs.sub_(col(S.M_S)).sub_(col(S.LOGZ_S))
     log_p = zt.sub_(col(S.M_T)).sub_(col(S.LOGZ_T))
     if cfg.kind == "tvd":

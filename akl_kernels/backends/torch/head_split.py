@@ -43,7 +43,7 @@ def digit_histogram(rows, keys, masses, shift, width, n_rows):
     return torch.bincount(flat, weights=masses, minlength=n_rows * bins).view(n_rows, bins)
 
 
-def _top_digit_histogram(keys, masses, shift, width):
+def top_digit_histogram(keys, masses, shift, width):
     """digit_histogram of a whole [R, K] block for its top digit (which carries the sign)."""
     bins = 1 << width
     digit = ((keys >> shift) + bins // 2).long()
@@ -80,7 +80,7 @@ def threshold_key(keys, masses, thr, plan, reduce_histogram=None) -> Threshold:
     n_rows = keys.shape[0]
     above = torch.zeros(n_rows, dtype=torch.float64, device=keys.device)
     (shift, width), *rest = plan
-    hist = _top_digit_histogram(keys, masses, shift, width)
+    hist = top_digit_histogram(keys, masses, shift, width)
     if reduce_histogram is not None:
         reduce_histogram(hist)
     digit, above = crossing_digit(hist, above, thr)
@@ -113,6 +113,15 @@ def mass_threshold(total: torch.Tensor, mu: float) -> torch.Tensor:
     return torch.minimum((total * mu).floor(), total - 1)
 
 
+def tied_head_size(thr, above, tied_mass, ties, include_crossing):
+    """How many of a row's ``ties`` tokens at v* (``tied_mass`` their mass together) are head,
+    the first in index order: every token at v* has the same mass w*, and the i-th (from 1)
+    is head while above + i w* <= thr (i - 1 with include_crossing), the top token always."""
+    unit = (tied_mass / ties.clamp(min=1)).clamp(min=1.0)  # exact: ties copies of one integer
+    fit = ((thr - above) / unit).floor().clamp(min=0.0) + int(include_crossing)
+    return torch.where(above == 0, fit.clamp(min=1.0), fit)
+
+
 def head_mask(teacher: torch.Tensor, p: torch.Tensor, mu: float, include_crossing: bool,
               total: torch.Tensor | None = None):
     """Boolean head mask of a block of rows: ``teacher`` the logits in their own dtype,
@@ -135,14 +144,10 @@ def head_mask(teacher: torch.Tensor, p: torch.Tensor, mu: float, include_crossin
         thr = torch.minimum(thr, held - 1)
     star = threshold_key(keys, masses, thr, digit_plan(key_bits(teacher.dtype)))
     head = keys > star.key.to(keys.dtype)[:, None]
-    # Every token at v* has the same mass w*; the i-th of them (in index order, from 1) is
-    # head while above + i w* <= thr (i - 1 with include_crossing), the top token always.
     n_rows = keys.shape[0]
     ties = torch.bincount(star.rows, minlength=n_rows)
     unit = torch.bincount(star.rows, weights=star.masses, minlength=n_rows)
-    unit = (unit / ties.clamp(min=1)).clamp(min=1.0)  # exact: ties copies of one integer
-    fit = ((thr - star.above) / unit).floor().clamp(min=0.0) + int(include_crossing)
-    fit = torch.where(star.above == 0, fit.clamp(min=1.0), fit)
+    fit = tied_head_size(thr, star.above, unit, ties, include_crossing)
     first = ties.cumsum(dim=0) - ties  # the tokens at v* come row by row, by index
     rank = torch.arange(len(star.rows), device=keys.device) - first[star.rows] + 1
     tied_in = rank <= fit[star.rows]

@@ -20,7 +20,7 @@ fi
 stamp="$VENV/.akl_kernels-installed"
 wanted="$(sha256sum pyproject.toml | cut -d' ' -f1)"
 if [ "$(cat "$stamp" 2>/dev/null || true)" != "$wanted" ]; then
-  "$VENV/bin/python" -m pip install --quiet -e ".[test,bench]"
+  "$VENV/bin/python" -m pip install --quiet -e ".[test,bench,trl]"
   echo "$wanted" > "$stamp"
 fi
 command="${1:-}"

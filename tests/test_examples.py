@@ -92,3 +92,22 @@ def test_vocab_parallel_example_under_torchrun_matches_one_process():
     single = vocab_parallel.run(steps=4)
     assert len(curve) == 4 and curve[-1] < curve[0]
     assert curve == pytest.approx(single, rel=1e-5)
+
+
+def test_trl_gkd_example_quick(tmp_path):
+    """examples/trl_gkd.py --quick: every trainer case runs in its own process and reports a
+    step time, a peak and a loss; the library's JSD is the stock trainer's, step by step."""
+    pytest.importorskip("trl")
+    import json
+
+    from examples import trl_gkd
+
+    assert trl_gkd.main(["--quick", "--out", str(tmp_path)]) == 0
+    records = {r["case"]: r for r in json.loads((tmp_path / "trl_gkd.json").read_text())
+               ["records"]}
+    assert set(records) == set(trl_gkd.CASES)
+    for name in ("jsd", "jsd-fused"):
+        assert records[name]["last_loss"] == pytest.approx(records["stock"]["last_loss"],
+                                                           rel=1e-4)
+    assert all(r["step_ms"] > 0 and r["peak_mib"] > 0 for r in records.values())
+    assert "| akl-fused |" in (tmp_path / "trl_gkd.md").read_text()

@@ -26,8 +26,9 @@ from akl_kernels.vocab_shards import group_name
 
 def _fused_linear(cfg, student_hidden, student_weight, labels, *, teacher_hidden,
                   teacher_weight, teacher_logits, student_bias, teacher_bias, ignore_index,
-                  reduction, chunk_size, backend, check_values, process_group):
+                  reduction, chunk_size, backend, check_values, process_group, strategy):
     """Shared body: checks, the valid rows, the custom operator, the reduction."""
+    checks.check_strategy(strategy)
     group = group_name(process_group)
     if group and isinstance(teacher_logits, TopKTeacher):
         raise ValueError("a TopKTeacher takes no process_group: sparse teachers over "
@@ -56,16 +57,24 @@ def _fused_linear(cfg, student_hidden, student_weight, labels, *, teacher_hidden
     flat_labels = labels.reshape(n_rows).long() if cfg.with_ce else None
     loss, parts = fused_linear_rows(hidden, student_weight, student_bias, teacher, valid, cfg,
                                     backend=backend, labels=flat_labels, chunk_size=chunk_size,
-                                    check_values=check_values, process_group=group)
+                                    check_values=check_values, process_group=group,
+                                    gradient_in_forward=_in_forward(strategy, reduction))
     reduce = lambda rows: reduce_rows(rows, valid, reduction, lead)  # noqa: E731
     return reduce(loss), None if parts is None else (reduce(parts[:, 0]), reduce(parts[:, 1]))
+
+
+def _in_forward(strategy, reduction) -> bool:
+    """Whether the gradients are formed in the forward pass: the "forward_gradient" strategy
+    (the default, "auto"), which needs one incoming gradient for every row: "mean" and "sum"
+    reductions have it, "none" (a gradient per row) takes the recomputing backward."""
+    return strategy != "recompute" and reduction != "none"
 
 
 def fused_linear_loss(student_hidden, student_weight, labels=None, *, divergence="akl",
                       teacher_hidden=None, teacher_weight=None, teacher_logits=None,
                       student_bias=None, teacher_bias=None, temperature=1.0, ignore_index=-100,
                       reduction="mean", chunk_size=None, backend="auto", check_values=True,
-                      process_group=None, **divergence_options):
+                      process_group=None, strategy="auto", **divergence_options):
     """``divergence`` (any of the library's: "akl", "fkl", "rkl", "jsd", "skew_fkl",
     "skew_rkl", "tvd", "mixed_kl", with its options by keyword as in ``distillation_loss``)
     between ``student_hidden @ student_weight.T + student_bias`` and the teacher's logits, given
@@ -76,6 +85,14 @@ def fused_linear_loss(student_hidden, student_weight, labels=None, *, divergence
     ``AKL_FUSED_LINEAR_BUDGET_MB``). Gradients flow to the student's hidden states, weight and
     bias. Reductions, ``labels`` and ``ignore_index`` as in ``akl_loss``. One host sync per call
     finds the rows that are not ignored.
+
+    ``strategy`` (docs/fused_linear.md): "forward_gradient" forms the gradients in the
+    forward pass from tiles of whole rows (4 GEMMs, as many as the unfused path; the weight's
+    gradient accumulated in float32, which costs a float32 ``V x H`` buffer when the weight is
+    bf16/fp16); "recompute" computes the logits again per vocabulary block in backward
+    (6 GEMMs, no ``V x H`` buffer beyond the gradient: the leanest memory). "auto" (default)
+    is "forward_gradient", except with ``reduction="none"`` (a gradient per row, not known in
+    forward) or without a differentiable input (no gradient work at all in forward).
 
     ``process_group``: the column-parallel LM head of tensor parallelism (docs/contract.md §7).
     ``student_weight`` and ``student_bias`` (and the teacher's weight and bias, or its logits)
@@ -91,7 +108,7 @@ def fused_linear_loss(student_hidden, student_weight, labels=None, *, divergence
         teacher_weight=teacher_weight, teacher_logits=teacher_logits, student_bias=student_bias,
         teacher_bias=teacher_bias, ignore_index=ignore_index, reduction=reduction,
         chunk_size=chunk_size, backend=backend, check_values=check_values,
-        process_group=process_group)
+        process_group=process_group, strategy=strategy)
     return loss
 
 
@@ -118,7 +135,8 @@ def fused_linear_distillation_loss(student_hidden, student_weight, labels, *, di
                                    teacher_logits=None, student_bias=None, teacher_bias=None,
                                    temperature=1.0, ignore_index=-100, reduction="mean",
                                    chunk_size=None, backend="auto", return_parts=False,
-                                   check_values=True, process_group=None, **divergence_options):
+                                   check_values=True, process_group=None, strategy="auto",
+                                   **divergence_options):
     """``distillation_loss`` (``(1 - kd_ratio) CE + kd_ratio divergence``) from hidden states;
     the cross-entropy is fused into the same passes. Options as ``fused_linear_loss``. At
     ``kd_ratio = 0`` the teacher may be left out: the loss is then the cross-entropy alone."""
@@ -132,7 +150,7 @@ def fused_linear_distillation_loss(student_hidden, student_weight, labels, *, di
         teacher_weight=teacher_weight, teacher_logits=teacher_logits, student_bias=student_bias,
         teacher_bias=teacher_bias, ignore_index=ignore_index, reduction=reduction,
         chunk_size=chunk_size, backend=backend, check_values=check_values,
-        process_group=process_group)
+        process_group=process_group, strategy=strategy)
     if return_parts:
         divergence_part, ce_part = parts
         return DistillationOutput(loss, ce_part, divergence_part)

@@ -26,6 +26,7 @@ from akl_kernels.fused_linear_sweeps import (
     GivenTopK,
     LinearHead,
     backward_sweep,
+    forward_gradient_sweep,
     forward_sweep,
     plan_tiles,
 )
@@ -101,9 +102,10 @@ def _scatter_rows(values, rows, n_rows):
 
 def _forward(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, teacher_logits,
              teacher_indices, valid, labels, chunk_size, backend, process_group,
-             *fields_and_flag):
-    *fields, check_values = fields_and_flag
+             *fields_and_flags):
+    *fields, check_values, need_hidden, need_weight, need_bias = fields_and_flags
     cfg = LossConfig(*fields)
+    in_forward = need_hidden or need_weight or need_bias  # the gradients formed here
     chosen, layout = _sliced(backend, process_group, weight)
     if cfg.with_ce and check_values:
         checks.check_class_labels(labels, valid, weight.shape[0] if layout is None
@@ -118,39 +120,83 @@ def _forward(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias,
     loss = hidden.new_zeros(n_rows, dtype=tiles.dtype)
     row_stats = hidden.new_zeros(n_rows, _stats_width(cfg, teacher_indices), dtype=tiles.dtype)
     parts = hidden.new_zeros(n_rows if cfg.with_ce else 0, 2, dtype=tiles.dtype)
+    grads = _no_gradients(hidden, weight, bias, tiles.dtype, need_hidden, need_weight,
+                          need_bias)
+    # Where this slice's columns start in the vocabulary (0 without a group): the recomputing
+    # backward shifts the labels by it, so it needs no collective of its own.
+    offset = torch.full((1,), 0 if layout is None else layout.offset, dtype=torch.int64,
+                        device=hidden.device)
     if n_valid == 0:
-        return loss, row_stats, parts
+        return loss, row_stats, parts, *grads, offset
     # Under torch.autocast the GEMMs would return bf16/fp16 logits: the float32 logits this
     # layer promises are computed with autocast off, in the inputs' own dtypes.
     with torch.autocast(hidden.device.type, enabled=False):
         student, teacher = _heads(hidden, weight, bias, teacher_hidden, teacher_weight,
                                   teacher_bias, teacher_logits, teacher_indices, rows)
-        row_loss, stats, row_parts = forward_sweep(student, teacher, _pick(labels, rows), cfg,
-                                                   chosen, tiles)
+        if in_forward:
+            row_loss, stats, row_parts, formed = forward_gradient_sweep(
+                student, teacher, _pick(labels, rows), cfg, chosen, tiles,
+                need_hidden=need_hidden, need_weight=need_weight, need_bias=need_bias,
+                label_offset=0 if layout is None else layout.offset)
+            grads = _gradient_outputs(formed, hidden, bias, rows, grads)
+        else:
+            row_loss, stats, row_parts = forward_sweep(student, teacher, _pick(labels, rows),
+                                                       cfg, chosen, tiles)
     loss = _scatter_rows(row_loss, rows, n_rows)
     row_stats = _scatter_rows(stats, rows, n_rows)
     if cfg.with_ce:
         parts = _scatter_rows(row_parts, rows, n_rows)
-    return loss, row_stats, parts
+    return loss, row_stats, parts, *grads, offset
+
+
+def _no_gradients(hidden, weight, bias, wide, need_hidden, need_weight, need_bias):
+    """The gradients a call forms in forward before any row is swept: zeros where asked for
+    (no valid row), else empty tensors of their own."""
+    def zeros_or_empty(needed, like, dtype=None):
+        if needed:
+            return torch.zeros_like(like, dtype=dtype)
+        return hidden.new_empty(0)
+
+    return (zeros_or_empty(need_hidden, hidden), zeros_or_empty(need_weight, weight),
+            zeros_or_empty(need_bias and bias is not None, bias if bias is not None else hidden))
+
+
+def _gradient_outputs(formed, hidden, bias, rows, empty):
+    """The forward-formed Gradients as operator outputs: the hidden states' in their dtype at
+    every row (0 at ignored rows), the bias's in its dtype; absent ones stay ``empty``'s."""
+    hidden_grad, weight_grad, bias_grad = empty
+    if formed.hidden is not None:
+        hidden_grad = _scatter_rows(formed.hidden.to(hidden.dtype), rows, hidden.shape[0])
+    if formed.weight is not None:
+        weight_grad = formed.weight
+    if formed.bias is not None:
+        bias_grad = formed.bias.to(bias.dtype)
+    return hidden_grad, weight_grad, bias_grad
 
 
 _forward_op = torch.library.custom_op(
     "akl_kernels::fused_linear_rows", _forward, mutates_args=(),
-    schema=f"({_TENSORS}, Tensor? labels, {_OPTIONS}, bool check_values) "
-           "-> (Tensor, Tensor, Tensor)")
+    schema=f"({_TENSORS}, Tensor? labels, {_OPTIONS}, bool check_values, bool need_hidden, "
+           "bool need_weight, bool need_bias) "
+           "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
 
 
 @_forward_op.register_fake
 def _forward_fake(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias,
                   teacher_logits, teacher_indices, valid, labels, chunk_size, backend,
-                  process_group, *fields_and_flag):
-    cfg = LossConfig(*fields_and_flag[:-1])
+                  process_group, *fields_and_flags):
+    *fields, _, need_hidden, need_weight, need_bias = fields_and_flags
+    cfg = LossConfig(*fields)
     n = hidden.shape[0]
     teacher = teacher_logits if teacher_logits is not None else teacher_hidden
     dtype = loss_dtype(hidden, *(() if teacher is None else (teacher,)))
     width = _stats_width(cfg, teacher_indices)
+    grads = tuple(torch.empty_like(x) if needed and x is not None else hidden.new_empty(0)
+                  for needed, x in ((need_hidden, hidden), (need_weight, weight),
+                                    (need_bias, bias)))
     return (hidden.new_empty(n, dtype=dtype), hidden.new_empty(n, width, dtype=dtype),
-            hidden.new_empty(n if cfg.with_ce else 0, 2, dtype=dtype))
+            hidden.new_empty(n if cfg.with_ce else 0, 2, dtype=dtype), *grads,
+            hidden.new_empty(1, dtype=torch.int64))
 
 
 def _grad(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, teacher_logits,
@@ -158,9 +204,10 @@ def _grad(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, te
           *fields_and_flags):
     *fields, need_hidden, need_weight, need_bias = fields_and_flags
     cfg = LossConfig(*fields)
-    chosen, layout = _sliced(backend, process_group, weight)
-    if layout is not None and labels is not None:
-        labels = labels - layout.offset  # the backward pass is this slice's own
+    # Elementwise given the rows' statistics: over a vocabulary slice (process_group) too,
+    # the backend's own backward, the labels already shifted into the slice (_backward).
+    del process_group
+    chosen = get_backend(backend)
     rows = _valid_indices(valid)
     n_valid = hidden.shape[0] if rows is None else rows.numel()
     tiles = _tiles(hidden, weight, teacher_hidden, teacher_logits, n_valid, chunk_size)
@@ -201,21 +248,38 @@ _grad_op.register_autograd(refuse_double_backward)
 
 def _setup_context(ctx, inputs, output):
     *tensors, labels, chunk_size, backend = inputs[:_N_TENSORS + 3]
-    ctx.save_for_backward(*tensors, output[1], labels)
-    ctx.options = (chunk_size, backend, *inputs[_N_TENSORS + 3:-1])  # without check_values
+    ctx.formed = tuple(inputs[-3:])  # which gradients the forward pass formed
+    ctx.save_for_backward(*tensors, output[1], labels, *output[3:6], output[6])
+    # The recomputing backward's options: without check_values and the three flags.
+    ctx.options = (chunk_size, backend, *inputs[_N_TENSORS + 3:-4])
     ctx.n_inputs = len(inputs)
-    ctx.mark_non_differentiable(output[1], output[2])
+    ctx.mark_non_differentiable(*output[1:])
 
 
 def _backward(ctx, grad_rows, *_):
-    *tensors, row_stats, labels = ctx.saved_tensors
+    *tensors, row_stats, labels, formed_hidden, formed_weight, formed_bias, offset = \
+        ctx.saved_tensors
+    needed = ctx.needs_input_grad[:3]
+    # With create_graph (grad mode on here) the recomputing operator runs instead: it refuses
+    # a double backward by name, where a scaled product would fail obscurely.
+    formed_all = all(formed or not need for formed, need in zip(ctx.formed, needed, strict=True))
+    if formed_all and not torch.is_grad_enabled():
+        # Formed in forward for a unit coefficient per row: the incoming gradient of a "mean"
+        # or "sum" loss is one number for every row (reduce_rows), so the gradients scale by
+        # it. (An empty grad_rows: no rows, zero gradients.)
+        scale = grad_rows.amax() if grad_rows.numel() else grad_rows.new_zeros(())
+        grads = tuple(None if not need else (g * scale.to(g.dtype))
+                      for g, need in zip((formed_hidden, formed_weight, formed_bias), needed,
+                                         strict=True))
+        return *grads, *([None] * (ctx.n_inputs - 3))
     valid = tensors[-1]
     coef = torch.where(valid, grad_rows, torch.zeros_like(grad_rows))  # ignored rows: exactly 0
-    need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+    need_hidden, need_weight, need_bias = needed
+    if labels is not None:
+        labels = labels - offset  # into this slice's columns (offset 0 without a group)
     grads = _grad_op(*tensors, row_stats, coef, labels, *ctx.options, need_hidden, need_weight,
                      need_bias)
-    grads = tuple(g if need else None for g, need in zip(grads, ctx.needs_input_grad[:3],
-                                                          strict=True))
+    grads = tuple(g if need else None for g, need in zip(grads, needed, strict=True))
     return *grads, *([None] * (ctx.n_inputs - 3))
 
 
@@ -223,7 +287,8 @@ _forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def fused_linear_rows(hidden, weight, bias, teacher, valid, cfg: LossConfig, *, backend: str,
-                      labels=None, chunk_size=None, check_values=True, process_group=""):
+                      labels=None, chunk_size=None, check_values=True, process_group="",
+                      gradient_in_forward=False):
     """(loss [N], parts [N, 2] or None) of rows ``hidden`` [N, H] through ``weight`` [V, H]
     and ``bias`` against ``teacher``: a dict with ``teacher_hidden``, ``teacher_weight``,
     ``teacher_bias``, ``teacher_logits`` and ``teacher_indices`` entries (absent ones None; a
@@ -231,10 +296,17 @@ def fused_linear_rows(hidden, weight, bias, teacher, valid, cfg: LossConfig, *, 
     ``teacher_indices``); differentiable in
     ``hidden``, ``weight`` and ``bias``. With ``process_group`` (a group's name) ``weight``,
     ``bias`` and the teacher's weight, bias or logits are this rank's vocabulary slice, and the
-    hidden states' gradient is this slice's partial sum."""
-    loss, _, parts = _forward_op(
+    hidden states' gradient is this slice's partial sum.
+
+    ``gradient_in_forward``: the forward pass also forms the gradients of the inputs that
+    require one (the "forward_gradient" strategy: no logits computed twice), for the caller
+    that reduces the rows by "mean" or "sum", whose incoming gradient is the same for every
+    row; without grad mode or a differentiable input it forms none."""
+    needs = [gradient_in_forward and torch.is_grad_enabled() and x is not None
+             and x.requires_grad for x in (hidden, weight, bias)]
+    loss, _, parts, *_ = _forward_op(
         hidden, weight, bias, teacher.get("teacher_hidden"), teacher.get("teacher_weight"),
         teacher.get("teacher_bias"), teacher.get("teacher_logits"),
         teacher.get("teacher_indices"), valid, labels, chunk_size or 0, backend, process_group,
-        *cfg.fields(), check_values)
+        *cfg.fields(), check_values, *needs)
     return loss, parts if cfg.with_ce else None

@@ -30,7 +30,8 @@ from akl_kernels.validation import environment_megabytes
 
 DEFAULT_BUDGET_MB = 256
 # Float32 [rows, V] tiles live at once: forward, the student's and the teacher's logits (the
-# backend's own temporaries have their own bound); backward, those two and the gradient.
+# backend's own temporaries have their own bound); backward, and forward when it forms the
+# gradients, those two and the logits' gradient.
 _FORWARD_TILES, _BACKWARD_TILES = 2, 3
 _VOCAB_ALIGN = 128  # vocabulary blocks are multiples of this (GEMM-friendly widths)
 _MIN_VOCAB_BLOCK = 1024  # backward keeps at least this wide a block before it splits rows
@@ -44,6 +45,8 @@ def budget_bytes() -> int:
 
 class Tiling(NamedTuple):
     forward_rows: int  # rows per forward chunk (full vocabulary)
+    gradient_rows: int  # rows per chunk of a forward pass that forms the gradients
+    in_place_rows: int  # the same when the gradient is written over the student's tile
     backward_rows: int  # rows per backward tile
     vocab_block: int  # vocabulary entries per backward tile
     dtype: torch.dtype  # of the logits tiles: float32 (float64 for float64 inputs)
@@ -57,13 +60,18 @@ def plan_tiles(n_rows: int, vocab: int, dtype: torch.dtype, chunk_size: int | No
     """
     budget, n_rows, itemsize = budget_bytes(), max(n_rows, 1), dtype.itemsize
     forward_rows = chunk_size or max(1, budget // (vocab * itemsize * _FORWARD_TILES))
+    gradient_rows = chunk_size or max(1, budget // (vocab * itemsize * _BACKWARD_TILES))
+    # Two tiles when the gradient overwrites the student's, sized as 2.5 to leave room for the
+    # weight's gradient accumulating beside them (measured: docs/fused_linear.md).
+    in_place_rows = chunk_size or max(1, 2 * budget // (vocab * itemsize * 5))
     per_row = itemsize * _BACKWARD_TILES
     block = min(vocab, _MIN_VOCAB_BLOCK)
     backward_rows = chunk_size or max(1, min(n_rows, budget // (per_row * block)))
     vocab_block = budget // (per_row * min(backward_rows, n_rows))
     vocab_block = max(_VOCAB_ALIGN, vocab_block // _VOCAB_ALIGN * _VOCAB_ALIGN)
-    return Tiling(min(forward_rows, n_rows), min(backward_rows, n_rows), min(vocab_block, vocab),
-                  dtype)
+    return Tiling(min(forward_rows, n_rows), min(gradient_rows, n_rows),
+                  min(in_place_rows, n_rows), min(backward_rows, n_rows),
+                  min(vocab_block, vocab), dtype)
 
 
 class LinearHead(NamedTuple):
@@ -184,72 +192,213 @@ def _spans(total: int, step: int):
         yield slice(start, min(start + step, total))
 
 
+def _balanced_spans(total: int, most: int):
+    """As few spans of at most ``most`` as cover ``total``, of sizes differing by one at most
+    (no small last chunk: the weight's gradient takes one GEMM per chunk)."""
+    count = -(-total // max(most, 1))
+    for k in range(count):
+        yield slice(k * total // count, (k + 1) * total // count)
+
+
+def _tile_logits(student: LinearHead, teacher, rows: slice, vocab: slice, dtype):
+    """(student logits, teacher logits) of a tile; the teacher's are None for a sparse
+    teacher, and the student's own for none (the cross-entropy alone)."""
+    s = student.logits(rows, vocab, dtype)
+    if isinstance(teacher, GivenTopK):
+        return s, None
+    return s, s if teacher is None else teacher.logits(rows, vocab, dtype)
+
+
+def _chunk_forward(s, t, teacher, span, labels, cfg, backend):
+    """A chunk of whole rows: (row losses, row statistics, parts or None). A sparse teacher's
+    statistics carry its categories' unit gradient (``GivenTopK``)."""
+    ones = torch.ones(s.shape[0], dtype=torch.bool, device=s.device)
+    span_labels = None if labels is None else labels[span]
+    if isinstance(teacher, GivenTopK):
+        idx, lp = teacher.indices[span], teacher.logprobs[span]
+        result = backend.topk_forward(s, idx, lp, ones, cfg, labels=span_labels)
+        unit = torch_topk.unit_category_gradient(s, idx, lp, result.row_stats, cfg)
+        return result.loss, torch.cat([result.row_stats, unit], dim=1), result.parts
+    result = backend.forward(s, t, ones, cfg, labels=span_labels)
+    return result.loss, result.row_stats, result.parts
+
+
+def _logits_gradient(s, t, teacher, row_stats, coef, labels, cfg, backend, span: slice,
+                     block: slice, gemm_dtype, in_place=False):
+    """d loss / d logits of the tile (rows ``span``, vocabulary ``block``) whose logits are
+    ``s`` and ``t``, for ``coef`` per row, in ``gemm_dtype``: elementwise given the rows'
+    statistics (``row_stats`` of these rows). ``in_place``: written over ``s``."""
+    shifted = None if labels is None else labels[span] - block.start
+    if isinstance(teacher, GivenTopK):
+        return backend.topk_backward(
+            s, teacher.indices[span], teacher.logprobs[span], row_stats[:, :N_TOPK_STATS],
+            coef, cfg, labels=shifted, grad_dtype=gemm_dtype,
+            category_grad=row_stats[:, N_TOPK_STATS:], column_offset=block.start)
+    return backend.backward(s, t, row_stats, coef, cfg, labels=shifted, grad_dtype=gemm_dtype,
+                            out=s if in_place else None)
+
+
 def forward_sweep(student: LinearHead, teacher, labels, cfg, backend, tiles: Tiling):
     """Each valid row's loss, statistics and parts (None without the cross-entropy), from
     row chunks of both models' float32 logits. ``teacher`` is a ``LinearHead``,
     ``GivenLogits``, ``GivenTopK`` or None (the student's own logits stand in: the
     cross-entropy alone)."""
     n_valid = student.hidden.shape[0]
-    every_vocab = slice(None)
     losses, stats, parts = [], [], []
     for span in _spans(n_valid, tiles.forward_rows):
-        s = student.logits(span, every_vocab, tiles.dtype)
-        ones = torch.ones(s.shape[0], dtype=torch.bool, device=s.device)
-        span_labels = None if labels is None else labels[span]
-        if isinstance(teacher, GivenTopK):
-            idx, lp = teacher.indices[span], teacher.logprobs[span]
-            result = backend.topk_forward(s, idx, lp, ones, cfg, labels=span_labels)
-            unit = torch_topk.unit_category_gradient(s, idx, lp, result.row_stats, cfg)
-            row_stats = torch.cat([result.row_stats, unit], dim=1)
-            del s
-        else:
-            t = s if teacher is None else teacher.logits(span, every_vocab, tiles.dtype)
-            result = backend.forward(s, t, ones, cfg, labels=span_labels)
-            row_stats = result.row_stats
-            del s, t  # before the next chunk's tiles exist (else three are alive at once)
-        losses.append(result.loss)
+        s, t = _tile_logits(student, teacher, span, slice(None), tiles.dtype)
+        loss, row_stats, part = _chunk_forward(s, t, teacher, span, labels, cfg, backend)
+        del s, t  # before the next chunk's tiles exist (else three are alive at once)
+        losses.append(loss)
         stats.append(row_stats)
-        parts.append(result.parts)
+        parts.append(part)
     return torch.cat(losses), torch.cat(stats), torch.cat(parts) if cfg.with_ce else None
 
 
+class Gradients(NamedTuple):
+    """The student's gradients, each None where not asked for: hidden states [n, H] and bias
+    [V] in float32, the weight [V, H] in its own dtype."""
+
+    hidden: torch.Tensor | None
+    weight: torch.Tensor | None
+    bias: torch.Tensor | None
+
+
+def _empty_gradients(student: LinearHead, wide, *, need_hidden, need_bias):
+    """The hidden states' and the bias's float32 accumulators (the weight's is the caller's)."""
+    device = student.hidden.device
+    return Gradients(
+        torch.zeros(student.hidden.shape, dtype=wide, device=device) if need_hidden else None,
+        None,
+        torch.zeros(student.weight.shape[0], dtype=wide, device=device) if need_bias else None)
+
+
+def _add_tile(grads: Gradients, g, student: LinearHead, span, block, weight_grad):
+    """A tile's logits gradient ``g`` [rows, block] into the gradients; the weight's goes
+    into ``weight_grad`` (a float32 accumulator of the block's rows), if any."""
+    if grads.bias is not None:
+        grads.bias[block] += g.sum(dim=0, dtype=grads.bias.dtype)
+    if grads.hidden is not None:
+        _add_product(grads.hidden[span], g, student.weight[block])
+    if isinstance(weight_grad, WeightGradient):
+        weight_grad.add_product(g, student.hidden[span])
+    elif weight_grad is not None:
+        _add_product(weight_grad, g.T, student.hidden[span])
+
+
 def backward_sweep(student: LinearHead, teacher, row_stats, coef, labels, cfg, backend,
-                   tiles: Tiling, *, need_hidden: bool, need_weight: bool, need_bias: bool):
-    """(grad_hidden [n, H] float32, grad_weight [V, H] in the weight's dtype, grad_bias [V]
-    float32), each None where not needed: vocabulary blocks outside, row tiles inside."""
+                   tiles: Tiling, *, need_hidden: bool, need_weight: bool,
+                   need_bias: bool) -> Gradients:
+    """The recomputing backward pass: vocabulary blocks outside, row tiles inside, each tile's
+    logits computed again from the hidden states; a block's weight gradient is float32-
+    accumulated over every row, then rounded once to the weight's dtype."""
     n_valid, vocab = student.hidden.shape[0], student.weight.shape[0]
     wide, device = tiles.dtype, student.hidden.device
-    grad_hidden = (torch.zeros(n_valid, student.hidden.shape[1], dtype=wide, device=device)
-                   if need_hidden else None)
-    grad_weight = torch.zeros_like(student.weight) if need_weight else None
-    grad_bias = torch.zeros(vocab, dtype=wide, device=device) if need_bias else None
+    grads = _empty_gradients(student, wide, need_hidden=need_hidden, need_bias=need_bias)
+    weight = torch.zeros_like(student.weight) if need_weight else None
     gemm_dtype = _gemm_dtype(student.weight, wide)
     for block in _spans(vocab, tiles.vocab_block) if n_valid else ():
-        weight_block = student.weight[block]
-        block_grad = (torch.zeros(weight_block.shape, dtype=wide, device=device)
+        block_grad = (torch.zeros(student.weight[block].shape, dtype=wide, device=device)
                       if need_weight else None)
         for span in _spans(n_valid, tiles.backward_rows):
-            s = student.logits(span, block, wide)
-            shifted = None if labels is None else labels[span] - block.start
-            if isinstance(teacher, GivenTopK):
-                st = row_stats[span]
-                g = backend.topk_backward(
-                    s, teacher.indices[span], teacher.logprobs[span], st[:, :N_TOPK_STATS],
-                    coef[span], cfg, labels=shifted, grad_dtype=gemm_dtype,
-                    category_grad=st[:, N_TOPK_STATS:], column_offset=block.start)
-                del s
-            else:
-                t = s if teacher is None else teacher.logits(span, block, wide)
-                g = backend.backward(s, t, row_stats[span], coef[span], cfg, labels=shifted,
-                                     grad_dtype=gemm_dtype)
-                del s, t
-            if need_bias:
-                grad_bias[block] += g.sum(dim=0, dtype=wide)
-            if need_hidden:
-                _add_product(grad_hidden[span], g, weight_block)
-            if need_weight:
-                _add_product(block_grad, g.T, student.hidden[span])
+            s, t = _tile_logits(student, teacher, span, block, wide)
+            g = _logits_gradient(s, t, teacher, row_stats[span], coef[span], labels, cfg,
+                                 backend, span, block, gemm_dtype)
+            del s, t
+            _add_tile(grads, g, student, span, block, block_grad)
             del g  # before the next tile's logits exist
         if need_weight:
-            grad_weight[block] = block_grad
-    return grad_hidden, grad_weight, grad_bias
+            weight[block] = block_grad
+    return grads._replace(weight=weight)
+
+
+_COMPENSATED_BLOCK = 4096  # weight rows per float32 product in a compensated accumulation
+
+
+class WeightGradient:
+    """The weight's gradient accumulated across row chunks to float32 accuracy.
+
+    A float32 weight's is a float32 sum: the gradient itself. A bf16/fp16 weight's is a
+    compensated pair in the weight's dtype, ``hi + lo`` (each chunk's float32 product added to
+    it in float32, then split again: ``hi`` the rounded sum, ``lo`` what the rounding dropped),
+    so the accumulation holds two buffers in the weight's dtype (the bytes of one float32
+    buffer) and no float32 copy is rounded into a third at the end. The pair carries about
+    twice the dtype's significand: what it drops per chunk (about ``2**-16`` of the sum for
+    bf16) is far below the final rounding to the weight's dtype (``2**-8``);
+    ``tests/test_fused_linear.py`` measures the result against float64."""
+
+    def __init__(self, weight: torch.Tensor, wide: torch.dtype):
+        plain = weight.dtype == wide
+        # A plain sum starts as its first product (no zeros written and read back first).
+        self.hi = (torch.empty if plain else torch.zeros)(weight.shape, dtype=weight.dtype,
+                                                           device=weight.device)
+        self.lo = None if plain else torch.zeros_like(self.hi)
+        self.wide, self.empty = wide, plain
+
+    def add_product(self, g: torch.Tensor, hidden: torch.Tensor) -> None:
+        """+= g.T @ hidden (g [rows, V], hidden [rows, H])."""
+        if self.lo is None:
+            if self.empty and g.dtype == hidden.dtype == self.hi.dtype:
+                torch.mm(g.T, hidden, out=self.hi)
+            else:
+                if self.empty:
+                    self.hi.zero_()
+                _add_product(self.hi, g.T, hidden)
+            self.empty = False
+            return
+        for block in _spans(self.hi.shape[0], _COMPENSATED_BLOCK):
+            total = matmul_wide(g[:, block].T, hidden, self.wide)
+            total += self.lo[block]
+            total += self.hi[block]
+            self.hi[block] = total  # rounded to the weight's dtype
+            self.lo[block] = total.sub_(self.hi[block])  # what that rounding dropped
+
+    def result(self) -> torch.Tensor:
+        if self.empty:  # no row was added
+            self.hi.zero_()
+        if self.lo is not None:
+            self.hi += self.lo
+            self.lo = None
+        return self.hi
+
+
+def forward_gradient_sweep(student: LinearHead, teacher, labels, cfg, backend, tiles: Tiling,
+                           *, need_hidden: bool, need_weight: bool, need_bias: bool,
+                           label_offset: int = 0):
+    """The forward pass that also forms the gradients for a unit coefficient per row (the
+    caller scales them by the incoming gradient: one number for a "mean" or "sum" loss). Each
+    chunk of whole rows gives its statistics, then its logits' gradient from the same tiles, so
+    no logits are computed twice: 4 GEMMs, where the recomputing backward makes 6. The weight's
+    gradient is accumulated across chunks in float32 (in the gradient itself for a float32
+    weight). ``label_offset``: where the weight's rows start in the vocabulary that
+    ``labels`` index (a vocabulary slice's). (row losses, statistics, parts or None,
+    Gradients)."""
+    n_valid = student.hidden.shape[0]
+    wide = tiles.dtype
+    grads = _empty_gradients(student, wide, need_hidden=need_hidden, need_bias=need_bias)
+    weight_grad = WeightGradient(student.weight, wide) if need_weight else None
+    gemm_dtype = _gemm_dtype(student.weight, wide)
+    every_vocab = slice(0, student.weight.shape[0])
+    gradient_labels = labels if labels is None or not label_offset else labels - label_offset
+    # The logits' gradient over the student's tile when it has the GEMM's dtype (float32
+    # GEMMs; a dense teacher, so that the tile is not the teacher's too): two tiles per row
+    # then, not three, so the same budget holds wider chunks.
+    in_place = (gemm_dtype == wide and isinstance(teacher, (LinearHead, GivenLogits)))
+    rows = tiles.in_place_rows if in_place else tiles.gradient_rows
+    losses, stats, parts = [], [], []
+    for span in _balanced_spans(n_valid, rows):
+        s, t = _tile_logits(student, teacher, span, every_vocab, wide)
+        loss, row_stats, part = _chunk_forward(s, t, teacher, span, labels, cfg, backend)
+        unit = torch.ones_like(loss)
+        g = _logits_gradient(s, t, teacher, row_stats, unit, gradient_labels, cfg, backend,
+                             span, every_vocab, gemm_dtype, in_place)
+        del s, t
+        _add_tile(grads, g, student, span, every_vocab, weight_grad)
+        del g  # before the next chunk's tiles exist
+        losses.append(loss)
+        stats.append(row_stats)
+        parts.append(part)
+    if need_weight:
+        grads = grads._replace(weight=weight_grad.result())
+    return (torch.cat(losses), torch.cat(stats), torch.cat(parts) if cfg.with_ce else None,
+            grads)

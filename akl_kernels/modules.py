@@ -142,18 +142,19 @@ class FusedLinearLoss(_OptionsRepr):
 
     def __init__(self, divergence="akl", *, temperature=1.0, ignore_index=-100,
                  reduction="mean", chunk_size=None, backend="auto", check_values=True,
-                 process_group=None, **divergence_options):
+                 process_group=None, strategy="auto", **divergence_options):
         super().__init__()
         make_config(divergence, divergence_options, temperature=temperature)
         _check_call_options(ignore_index=ignore_index, reduction=reduction, backend=backend,
                             check_values=check_values)
         checks.check_chunk_size(chunk_size)
+        checks.check_strategy(strategy)
         group_name(process_group)
         self.process_group = process_group
         self.options = dict(divergence=divergence, temperature=temperature,
                             ignore_index=ignore_index, reduction=reduction,
                             chunk_size=chunk_size, backend=backend, check_values=check_values,
-                            **divergence_options)
+                            strategy=strategy, **divergence_options)
 
     def forward(self, student_hidden, student_weight, labels=None, **teacher_and_biases):
         return self._fused_loss(student_hidden, student_weight, labels, **teacher_and_biases,

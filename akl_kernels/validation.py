@@ -331,6 +331,14 @@ def check_linear_inputs(student_hidden, student_weight, student_bias, teacher_hi
     _check_bias("teacher_bias", teacher_bias, "teacher_weight", teacher_weight, teacher=True)
 
 
+FUSED_LINEAR_STRATEGIES = ("auto", "forward_gradient", "recompute")
+
+
+def check_strategy(strategy) -> None:
+    if not isinstance(strategy, str) or strategy not in FUSED_LINEAR_STRATEGIES:
+        raise ValueError(f"strategy must be one of {FUSED_LINEAR_STRATEGIES}, got {strategy!r}")
+
+
 def check_chunk_size(chunk_size) -> None:
     if chunk_size is None:
         return

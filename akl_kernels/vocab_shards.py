@@ -67,18 +67,15 @@ def all_reduce_(tensor: torch.Tensor, op: str, group) -> torch.Tensor:
 class SliceLayout(NamedTuple):
     """Where this rank's columns lie in the vocabulary."""
 
-    rank: int
     offset: int  # the global index of this rank's first column
     vocab: int  # the whole vocabulary
-
-
     widest: int  # the widest slice (what tiles sized alike on every rank are sized by)
 
 
 def layout_from_sizes(sizes: torch.Tensor, rank: int) -> SliceLayout:
     """The layout from every rank's slice width, [P] in rank order."""
     widths = [int(x) for x in sizes.tolist()]
-    return SliceLayout(rank, sum(widths[:rank]), sum(widths), max(widths))
+    return SliceLayout(sum(widths[:rank]), sum(widths), max(widths))
 
 
 def slice_layout(width: int, group, device) -> SliceLayout:

@@ -5,9 +5,12 @@
 
 Every implementation gets the same student hidden states and head weight and the same teacher
 hidden states and head weight, and returns the token mean over all rows:
-- ``fused``: this library's ``fused_linear_loss`` (teacher given as hidden states + weight),
-  with its default 256 MiB tile budget; ``fused_budget1024`` the same with 1 GiB
-  (``AKL_FUSED_LINEAR_BUDGET_MB``): fewer, larger tiles, for the speed/memory trade-off;
+- ``fused``: this library's ``fused_linear_loss`` (teacher given as hidden states + weight)
+  with its default strategy ("forward_gradient": the gradients formed in the forward pass
+  from whole-row tiles, 4 GEMMs) and 256 MiB tile budget;
+- ``fused_recompute``: the same with ``strategy="recompute"`` (logits recomputed per
+  vocabulary block in backward: 6 GEMMs, the leanest memory); ``fused_recompute_budget1024``
+  that with 1 GiB of tiles (``AKL_FUSED_LINEAR_BUDGET_MB``);
 - ``unfused``: ``hidden @ weight.T`` for both models in the inputs' dtype (the teacher's under
   ``no_grad``), then this library's loss on those logits, as a training step without fusion
   would do;
@@ -38,7 +41,8 @@ from akl_kernels import fused_linear_sweeps
 from benchmarks.common import device_meta, fmt
 from benchmarks.measure import time_and_peak
 
-IMPLS = ("fused", "fused_budget1024", "unfused", "liger_fljsd", "liger_fljsd_loss")
+IMPLS = ("fused", "fused_recompute", "fused_recompute_budget1024", "unfused", "liger_fljsd",
+         "liger_fljsd_loss")
 # The contract's fused linear shape on GPU (docs/contract.md §4), per device: (N, H, V, dtype).
 DEFAULT_SHAPES = {"cpu": (4096, 1024, 32000, "float32"), "cuda": (8192, 4096, 128256, "bfloat16")}
 
@@ -54,11 +58,11 @@ class Case:
     device: str
 
 
-def _fused(kind, budget_mb=fused_linear_sweeps.DEFAULT_BUDGET_MB):
+def _fused(kind, budget_mb=fused_linear_sweeps.DEFAULT_BUDGET_MB, strategy="auto"):
     def run(h, w, th, tw, labels):
         os.environ["AKL_FUSED_LINEAR_BUDGET_MB"] = str(budget_mb)  # read at each call
         return akl_kernels.fused_linear_loss(h, w, labels, divergence=kind, teacher_hidden=th,
-                                             teacher_weight=tw)
+                                             teacher_weight=tw, strategy=strategy)
 
     return run
 
@@ -86,7 +90,9 @@ def _liger_fljsd_loss(kind):
     return loss
 
 
-BUILDERS = {"fused": _fused, "fused_budget1024": lambda kind: _fused(kind, 1024),
+BUILDERS = {"fused": _fused,
+            "fused_recompute": lambda kind: _fused(kind, strategy="recompute"),
+            "fused_recompute_budget1024": lambda kind: _fused(kind, 1024, "recompute"),
             "unfused": _unfused, "liger_fljsd": _liger_fljsd,
             "liger_fljsd_loss": _liger_fljsd_loss}
 

@@ -5,8 +5,9 @@
 #      vocabulary (tests/test_fused_linear.py), the divergence family's and distillation_loss's
 #      parity suites and the head split's bounded-reads suite on CUDA tensors, then the CPU
 #      suite's tie, -inf, identical-model and strided-view cases on CUDA tensors;
-#   2. the fused linear benchmark (N = 8192, H = 4096, V = 128256, bf16): fused
-#      against the unfused path and Liger-Kernel's fused linear JSD (when installed);
+#   2. the fused linear benchmark (N = 8192, H = 4096, V = 128256, bf16): both fused
+#      strategies (forward_gradient, recompute) against the unfused path and Liger-Kernel's
+#      fused linear JSD (when installed);
 #   3. akl-bench's GPU grid (N = 16384, V in {32000, 128256, 151936, 262144}, bf16 and fp32,
 #      flat and peaked teachers): Triton against the floor, the official-style reference eager
 #      and under torch.compile (AKL), Liger-Kernel (when installed) and F.kl_div, in that
@@ -44,7 +45,8 @@ timeout 30 "$PY" -m pytest tests/test_edge_cases.py -q -p no:cacheprovider -o ad
   -k "ties or negative_infinity or identical or strided" 2>&1 | tee -a "$OUT/gpu_tests.log"
 edge_rc=${PIPESTATUS[0]}
 
-timeout 100 "$PY" -m benchmarks.fused_linear --device cuda --out "$OUT"
+timeout 100 "$PY" -m benchmarks.fused_linear --device cuda --out "$OUT" \
+  --impls fused fused_recompute unfused liger_fljsd liger_fljsd_loss
 fused_rc=$?
 
 # Budget: no new case starts after BENCH_BUDGET_S; JSON is written after every case, so a

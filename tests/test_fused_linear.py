@@ -102,7 +102,8 @@ def small_tiles(monkeypatch):
 @pytest.mark.parametrize("kind", DIVERGENCES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("form", ["head", "logits"])
-def test_matches_float64_reference(rng, small_tiles, kind, dtype, form):
+@pytest.mark.parametrize("strategy", ["forward_gradient", "recompute"])
+def test_matches_float64_reference(rng, small_tiles, kind, dtype, form, strategy):
     n, hidden, vocab = 37, 19, 203  # odd everything; teacher hidden size differs
     assert fused_linear.plan_tiles(n, vocab, torch.float32, None).vocab_block < vocab
     student, teacher = _heads(rng, n, hidden, vocab, dtype, teacher_hidden=11)
@@ -110,10 +111,104 @@ def test_matches_float64_reference(rng, small_tiles, kind, dtype, form):
     kwargs = _teacher_kwargs(teacher, form, dtype)
     ref_teacher = _logits64(teacher).to(dtype) if form == "logits" else _logits64(teacher)
     loss, grads = _fused(akl_kernels.fused_linear_loss, student, labels, divergence=kind,
-                         temperature=1.5, backend="torch", **OPTIONS[kind], **kwargs)
+                         temperature=1.5, backend="torch", strategy=strategy, **OPTIONS[kind],
+                         **kwargs)
     ref_loss, ref_grads = _reference(kind, student, ref_teacher, labels, temperature=1.5,
                                      **_reference_options(kind))
     _assert_close(loss, grads, ref_loss, ref_grads, dtype)
+
+
+def _sweeps_called(monkeypatch):
+    """Which sweeps a call runs: names appended as they are called."""
+    from akl_kernels import fused_linear_op
+
+    called = []
+    for name in ("forward_sweep", "forward_gradient_sweep", "backward_sweep"):
+        original = getattr(fused_linear_op, name)
+
+        def spy(*args, _original=original, _name=name, **kwargs):
+            called.append(_name)
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(fused_linear_op, name, spy)
+    return called
+
+
+@pytest.mark.parametrize("teacher_form", ["head", "logits", "topk"])
+def test_the_strategies_agree_under_any_incoming_gradient(rng, monkeypatch, teacher_form):
+    """forward_gradient forms the gradients in forward for a unit coefficient and scales them
+    by the incoming gradient in backward: the same gradients as recomputing, for a loss used
+    as ``-2.5 * loss``, and again on a second backward through the same graph."""
+    n, vocab = 31, 211
+    student, teacher = _heads(rng, n, 17, vocab, torch.float32)
+    labels = _labels(rng, (n,), vocab)
+    kwargs = _teacher_kwargs(teacher, "head" if teacher_form == "head" else "logits",
+                             torch.float32)
+    if teacher_form == "topk":
+        kwargs = dict(teacher_logits=akl_kernels.topk_teacher(kwargs["teacher_logits"], 6))
+    called = _sweeps_called(monkeypatch)
+    results = {}
+    for strategy in ("forward_gradient", "recompute"):
+        leaves = [x.detach().clone().requires_grad_(True) for x in student]
+        loss = akl_kernels.fused_linear_distillation_loss(
+            leaves[0], leaves[1], labels, student_bias=leaves[2], kd_ratio=0.7,
+            divergence="akl", chunk_size=7, strategy=strategy, **kwargs)
+        first = torch.autograd.grad(-2.5 * loss, leaves, retain_graph=True)
+        second = torch.autograd.grad(-2.5 * loss, leaves)
+        for a, b in zip(first, second, strict=True):
+            assert torch.equal(a, b)
+        results[strategy] = (loss.detach(), first)
+    assert called == ["forward_gradient_sweep", "forward_sweep", "backward_sweep",
+                      "backward_sweep"]
+    (loss_f, grads_f), (loss_r, grads_r) = results["forward_gradient"], results["recompute"]
+    # The strategies chunk the rows differently, and a GEMM's bits depend on its row count.
+    assert torch.allclose(loss_f, loss_r, rtol=1e-6, atol=0)
+    for a, b in zip(grads_f, grads_r, strict=True):
+        assert rel_err(a, b) < 1e-6
+
+
+def test_a_bf16_weight_gradient_accumulates_to_float32_accuracy(rng):
+    """forward_gradient adds 58 row chunks' products into a compensated bf16 pair: the result
+    is the float32-accumulated gradient (recompute's: one float32 GEMM over every row per
+    vocabulary block) rounded once to bf16, up to ties, and as close to float64."""
+    n, hidden, vocab = 400, 48, 1500
+    student, teacher = _heads(rng, n, hidden, vocab, torch.float64, bias=False)
+
+    def weight_grad(dtype, strategy):
+        h, w = (x.detach().to(dtype).requires_grad_(True) for x in student[:2])
+        loss = akl_kernels.fused_linear_fkl_loss(
+            h, w, teacher_hidden=teacher[0].to(dtype), teacher_weight=teacher[1].to(dtype),
+            reduction="sum", chunk_size=7, strategy=strategy, backend="torch")
+        return torch.autograd.grad(loss, w)[0].double()
+
+    exact = weight_grad(torch.float64, "recompute")
+    compensated = weight_grad(torch.bfloat16, "forward_gradient")
+    float32_sum = weight_grad(torch.bfloat16, "recompute")
+    assert (compensated == float32_sum).double().mean() > 0.98
+    assert rel_err(compensated, exact) <= 1.01 * rel_err(float32_sum, exact)
+
+
+def test_auto_recomputes_per_row_gradients_and_forms_none_without_grad(rng, monkeypatch):
+    student, teacher = _heads(rng, 9, 8, 50, torch.float32)
+    labels = _labels(rng, (9,), 50)
+    kwargs = _teacher_kwargs(teacher, "head", torch.float32)
+    called = _sweeps_called(monkeypatch)
+    h = student[0].clone().requires_grad_(True)
+    rows = akl_kernels.fused_linear_fkl_loss(h, student[1], labels, reduction="none", **kwargs)
+    rows.sum().backward()
+    assert called == ["forward_sweep", "backward_sweep"]  # a gradient per row: recompute
+    called.clear()
+    with torch.no_grad():
+        akl_kernels.fused_linear_fkl_loss(h, student[1], labels, **kwargs)
+    akl_kernels.fused_linear_fkl_loss(h.detach(), student[1], labels, **kwargs)
+    assert called == ["forward_sweep", "forward_sweep"]  # no gradient asked for: none formed
+    called.clear()
+    akl_kernels.fused_linear_fkl_loss(h, student[1], labels, **kwargs).backward()
+    assert called == ["forward_gradient_sweep"]  # the default: nothing recomputed
+    with pytest.raises(ValueError, match="strategy"):
+        akl_kernels.fused_linear_fkl_loss(h, student[1], labels, strategy="fast", **kwargs)
+    with pytest.raises(ValueError, match="strategy"):
+        akl_kernels.FusedLinearAKLLoss(strategy=None)
 
 
 @pytest.mark.parametrize("kind", ["fkl", "rkl", "akl"])
@@ -307,7 +402,10 @@ def test_plan_respects_the_budget():
         assert tiles.forward_rows * vocab * 4 * 2 <= max(budget, vocab * 8)
         assert tiles.backward_rows * tiles.vocab_block * 4 * 3 <= max(budget, 128 * 12)
         assert tiles.vocab_block % 128 == 0 or tiles.vocab_block == vocab
-    expected = fused_linear.Tiling(10, 10, 1000, torch.float32)
+        # forward_gradient: three tiles per row, or two (and room beside them) in place
+        assert tiles.gradient_rows * vocab * 4 * 3 <= max(budget, vocab * 12)
+        assert tiles.in_place_rows * vocab * 4 * 2.5 <= max(budget, vocab * 10)
+    expected = fused_linear.Tiling(10, 10, 10, 10, 1000, torch.float32)
     assert fused_linear.plan_tiles(10, 1000, torch.float32, 10_000) == expected
 
 

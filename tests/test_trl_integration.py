@@ -158,7 +158,34 @@ def test_options_are_checked_at_construction(tmp_path):
         gkd(integration.GKDTrainer, tmp_path, fused_linear="yes")
 
 
-def distillation(cls, tmp_path, *, beta=1.0, temperature=1.5, bf16=True, **options):
+def tiny_cohere(seed):
+    """A config with ``logit_scale`` (Cohere's): TRL scales the logits by it."""
+    from transformers import CohereConfig, CohereForCausalLM
+
+    torch.manual_seed(seed)
+    return CohereForCausalLM(CohereConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, logit_scale=0.5,
+        max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=1))
+
+
+def tiny_gemma2(seed):
+    """A config with final soft-capping (Gemma 2's), tight enough to bend these logits."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(seed)
+    model = Gemma2ForCausalLM(Gemma2Config(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+        final_logit_softcapping=0.2, max_position_embeddings=64, pad_token_id=0,
+        bos_token_id=1, eos_token_id=1))
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20.0)  # logits of about +-1 against the cap of 0.2
+    return model
+
+
+def distillation(cls, tmp_path, *, beta=1.0, temperature=1.5, bf16=True, models=tiny_gpt2,
+                 **options):
     prompts = torch.randint(3, VOCAB, (8, PROMPT), generator=torch.Generator().manual_seed(3))
     dataset = Dataset.from_list([{"prompt": " ".join(f"w{int(x)}" for x in row)}
                                  for row in prompts])
@@ -166,7 +193,7 @@ def distillation(cls, tmp_path, *, beta=1.0, temperature=1.5, bf16=True, **optio
         output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=1, beta=beta,
         temperature=temperature, report_to=[], use_cpu=True, max_completion_length=COMPLETION,
         save_strategy="no", logging_steps=1, gradient_checkpointing=False, bf16=bf16)
-    trainer = cls(model=tiny_gpt2(0), teacher_model=tiny_gpt2(1), args=args,
+    trainer = cls(model=models(0), teacher_model=models(1), args=args,
                   train_dataset=dataset, processing_class=tokenizer(), **options)
     trainer.current_gradient_accumulation_steps = 1  # what train() sets before a step
     return trainer
@@ -189,6 +216,26 @@ def test_distillation_trainer_step_matches_trls(tmp_path, beta):
         stock._metrics["train"]["entropy"], rel=1e-5)
 
 
+@pytest.mark.parametrize("models", [tiny_cohere, tiny_gemma2], ids=["logit_scale", "softcap"])
+def test_distillation_trainer_keeps_trls_logit_scale_and_softcap(tmp_path, monkeypatch, models):
+    """A model that scales its logits (folded into the hidden states here) or soft-caps them
+    (the logits path here): the same step as TRL's, and our loss is the one that ran."""
+    stock = distillation(trl.DistillationTrainer, tmp_path, beta=0.5, models=models)
+    ours = distillation(integration.DistillationTrainer, tmp_path, beta=0.5, models=models)
+    calls = []
+    original = ours._divergence_loss
+    monkeypatch.setattr(ours, "_divergence_loss",
+                        lambda *a, **k: calls.append(k) or original(*a, **k))
+    batch = next(iter(stock.get_train_dataloader()))
+    loss_stock, grad_stock = step_gradients(stock, batch)
+    loss_ours, grad_ours = step_gradients(ours, batch)
+    assert len(calls) == 1
+    scale, cap = calls[0]["student_logit_scale"], calls[0]["student_final_logit_softcapping"]
+    assert (scale, cap) == ((0.5, None) if models is tiny_cohere else (1.0, 0.2))
+    assert loss_ours.item() == pytest.approx(loss_stock.item(), rel=1e-4)
+    assert relative(grad_ours, grad_stock) < 1e-4
+
+
 def test_distillation_trainer_akl_fused_and_on_logits_agree(tmp_path):
     options = dict(divergence="akl", divergence_options={"mu": 0.5}, bf16=False)
     fused = distillation(integration.DistillationTrainer, tmp_path, **options)
@@ -202,11 +249,99 @@ def test_distillation_trainer_akl_fused_and_on_logits_agree(tmp_path):
     assert all(math.isnan(value) for value in logits._metrics["train"]["entropy"])
 
 
-def test_trls_loss_function_is_restored_after_each_call(tmp_path):
+def test_our_loss_runs_in_trls_place_and_trls_is_restored_after(tmp_path, monkeypatch):
     import sys
 
     module = sys.modules[trl.DistillationTrainer.__module__]
     original = module._chunked_divergence_loss
+    seen = []
     trainer = distillation(integration.DistillationTrainer, tmp_path)
+    ours = trainer._divergence_loss
+
+    def spy(*args, **kwargs):
+        seen.append(module._chunked_divergence_loss)
+        return ours(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "_divergence_loss", spy)
     step_gradients(trainer, next(iter(trainer.get_train_dataloader())))
+    assert seen and seen[0] is spy  # TRL's call went to ours
     assert module._chunked_divergence_loss is original
+
+
+class _TeacherServer:
+    """Stands in for TRL's VLLMClient: ``get_sequence_logprobs`` answers from a local teacher
+    model as the vLLM server would (top-k log-probabilities of each completion token, sorted,
+    -inf padded; the actual token's log-probability), so the server trainer runs offline."""
+
+    teacher = None
+
+    def __init__(self, base_url=None, connection_timeout=None, **_):
+        self.base_url = base_url
+
+    def get_sequence_logprobs(self, sequences, prompt_lengths, top_logprobs=1, temperature=1.0,
+                              **_):
+        out = {"logprobs": [], "logprob_token_ids": [], "actual_logprobs": [],
+               "actual_token_ids": []}
+        for sequence, prompt_length in zip(sequences, prompt_lengths, strict=True):
+            ids = torch.tensor([sequence])
+            with torch.no_grad():
+                log_p = torch.log_softmax(self.teacher(ids).logits[0].float() / temperature, -1)
+            rows = log_p[prompt_length - 1:len(sequence) - 1]  # row i scores token i + 1
+            top = rows.topk(top_logprobs, dim=-1)
+            actual = torch.tensor(sequence[prompt_length:])
+            out["logprobs"].append(top.values.tolist())
+            out["logprob_token_ids"].append(top.indices.tolist())
+            out["actual_logprobs"].append(rows.gather(1, actual[:, None]).tolist())
+            out["actual_token_ids"].append(actual[:, None].tolist())
+        return out
+
+
+def server_distillation(cls, tmp_path, monkeypatch, *, beta, top_k, tail, **options):
+    import trl.generation.vllm_client as client
+    from trl.experimental.server_distillation import ServerDistillationConfig
+
+    _TeacherServer.teacher = tiny_gpt2(1).eval()
+    monkeypatch.setattr(client, "VLLMClient", _TeacherServer)
+    prompts = torch.randint(3, VOCAB, (8, PROMPT), generator=torch.Generator().manual_seed(4))
+    dataset = Dataset.from_list([{"prompt": " ".join(f"w{int(x)}" for x in row)}
+                                 for row in prompts])
+    args = ServerDistillationConfig(
+        output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=1, beta=beta,
+        temperature=1.0, loss_top_k=top_k, loss_add_tail=tail, report_to=[], use_cpu=True,
+        max_completion_length=COMPLETION, save_strategy="no", logging_steps=1,
+        gradient_checkpointing=False, bf16=False,
+        teacher_model_server_url="http://teacher.invalid:8000")
+    trainer = cls(model=tiny_gpt2(0), args=args, train_dataset=dataset,
+                  processing_class=tokenizer(), **options)
+    trainer.current_gradient_accumulation_steps = 1
+    return trainer
+
+
+@pytest.mark.parametrize("beta,top_k,tail", [(0.0, 5, True), (0.0, 5, False),
+                                             (0.5, 1, True), (1.0, 1, True)])
+def test_server_distillation_matches_trls_sparse_losses(tmp_path, monkeypatch, beta, top_k,
+                                                        tail):
+    """The teacher server's top-k (forward KL) or top-1 support (mixed): TRL's sparse losses
+    with and without its tail bucket, as this library's TopKTeacher losses."""
+    from trl.experimental.server_distillation import ServerDistillationTrainer as Stock
+
+    stock = server_distillation(Stock, tmp_path, monkeypatch, beta=beta, top_k=top_k,
+                                tail=tail)
+    ours = server_distillation(integration.ServerDistillationTrainer, tmp_path, monkeypatch,
+                               beta=beta, top_k=top_k, tail=tail)
+    batch = next(iter(stock.get_train_dataloader()))
+    loss_stock, grad_stock = step_gradients(stock, batch)
+    loss_ours, grad_ours = step_gradients(ours, batch)
+    assert loss_stock.item() > 0
+    assert loss_ours.item() == pytest.approx(loss_stock.item(), rel=1e-4)
+    assert relative(grad_ours, grad_stock) < 1e-4
+
+
+def test_server_distillation_trains_with_akl_on_the_servers_top_k(tmp_path, monkeypatch):
+    trainer = server_distillation(integration.ServerDistillationTrainer, tmp_path, monkeypatch,
+                                  beta=0.0, top_k=8, tail=True, divergence="akl",
+                                  divergence_options={"mu": 0.5})
+    batch = next(iter(trainer.get_train_dataloader()))
+    loss, grad = step_gradients(trainer, batch)
+    assert math.isfinite(loss.item()) and loss.item() > 0
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0

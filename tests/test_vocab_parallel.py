@@ -38,6 +38,8 @@ LOSS_CASES = [
     *DIVERGENCES, *(f"{d}-T2" for d in DIVERGENCES),
     "akl-sum", "akl-none", "rkl-sum", "rkl-none", "akl-ignore7", "akl-crossing", "akl-mu0.2",
     "akl-mu1", "akl-mu0.9-crossing", "akl-bf16-teacher", "akl-all-ignored",
+    "fkl-nan-in-an-ignored-row", "akl-nan-in-an-ignored-row", "jsd-nan-in-an-ignored-row",
+    "tvd-nan-in-an-ignored-row", "akl-inf-in-a-scored-row", "akl-a-slice-all-neg-inf",
     "distillation-0.0", "distillation-0.5", "distillation-1.0", "distillation-jsd-T2",
     "distillation-parts", "module-distillation", "triton-fkl", "triton-akl", "triton-distillation",
 ]
@@ -70,16 +72,21 @@ def test_akl_heads_are_the_single_process_heads(ranks, world, case):
 
 @pytest.mark.parametrize("world", WORLDS)
 def test_ties_straddling_a_slice_boundary_follow_the_global_index(ranks, world):
-    # 8 equal logits hold nearly all the mass, 2 left of the first boundary and 6 right of it:
-    # mu = 0.5 takes the first 4 by global index (include_crossing the 5th), as one process.
+    # 8 equal logits hold nearly all the mass, 2 left of a boundary and 6 right of it (rows
+    # [0, :3] of 2 ranks' first boundary, [1, :3] of 3 ranks'): mu = 0.5 takes the first 4 by
+    # global index (include_crossing the 5th), as one process. Row [1, 3]'s 345 tied tokens
+    # span 3 ranks' middle slice whole: half of them are head.
     for result in _every_rank(ranks, world, "heads"):
-        assert result["tied_rows_head"] == [4, 4, 4]
+        assert result["tied_rows_head"] == [[4, 4, 4], [4, 4, 4]]
+        assert result["wide_tie_head"] == 172
     for result in _every_rank(ranks, world, "heads-crossing"):
-        assert result["tied_rows_head"] == [5, 5, 5]
+        assert result["tied_rows_head"] == [[5, 5, 5], [5, 5, 5]]
+        assert result["wide_tie_head"] == 173
 
 
 @pytest.mark.parametrize("world", WORLDS)
 @pytest.mark.parametrize("case", ["fkl", "akl", "distillation", "akl-chunked",
+                                  "akl-recompute", "distillation-recompute",
                                   "akl-teacher-logits"])
 def test_fused_linear_over_column_parallel_heads(ranks, world, case):
     for result in _every_rank(ranks, world, f"fused-{case}"):
@@ -87,6 +94,10 @@ def test_fused_linear_over_column_parallel_heads(ranks, world, case):
         assert result["grad_weight"] <= TOLERANCE and result["grad_bias"] <= TOLERANCE
         # The partial sums, all-reduced as the column-parallel layer does, are the gradient.
         assert result["grad_hidden"] <= TOLERANCE
+        # One round of the slice widths, then the rounds of each forward row chunk; none in
+        # backward (either strategy).
+        assert result["backward_rounds"] == 0
+        assert result["forward_rounds"] >= 4
 
 
 @pytest.mark.parametrize("world", WORLDS)
@@ -109,6 +120,7 @@ def test_dtensor_logits_take_the_same_path(ranks, world, case):
 def test_bad_group_inputs_are_refused_by_name(ranks, case, kind, words):
     for result in _every_rank(ranks, 2, f"error-{case}"):
         assert result is not None and result[0] == kind and words in result[1], result
+        assert result[2] == 0  # refused before any collective
 
 
 def test_a_process_group_of_the_wrong_type_is_refused():

@@ -19,26 +19,32 @@ VOCAB = 1000
 # Slice boundaries per world size: uneven widths, the last slice ends in -inf padding.
 BOUNDS = {2: (0, 613, VOCAB), 3: (0, 410, 743, VOCAB)}
 PADDING = 40  # the vocabulary's last columns, -inf in both models (Megatron pads the vocab)
-TIED = 8  # equal top teacher logits straddling the first boundary in some rows
+TIED = 8  # equal top teacher logits straddling a slice boundary in some rows
+WIDE_TIE = (405, 750)  # a tie group spanning 3 ranks' middle slice whole
 
 
 def logits(seed, *, teacher_dtype=torch.float32, student_dtype=torch.float32, rows=(2, 5),
            vocab=VOCAB):
     """(student, teacher, labels): random logits with -inf padding, teacher-only -inf
-    positions, a tie group across the first slice boundary, an ignored row."""
+    positions, tie groups across the first boundary of 2 ranks (rows [0, :3]) and of 3 ranks
+    (rows [1, :3]), one spanning 3 ranks' middle slice (row [1, 3]), ignored rows."""
     g = torch.Generator().manual_seed(seed)
     student = 2.0 * torch.randn(*rows, vocab, generator=g)
     teacher = 3.0 * torch.randn(*rows, vocab, generator=g)
     student[..., -PADDING:] = float("-inf")
     teacher[..., -PADDING:] = float("-inf")
     teacher[0, 1, 5:9] = float("-inf")  # only the teacher: outside C
-    boundary = BOUNDS[2][1]
-    # 2 tied tokens left of the boundary, 6 right of it, holding nearly all the mass: the
+    # 2 tied tokens left of a boundary, 6 right of it, holding nearly all the mass: the
     # head (mu = 0.5) takes the first 4 by global index, 2 on each side.
-    for r in range(min(rows[1], 3)):
-        teacher[0, r, boundary - 2:boundary - 2 + TIED] = 14.0
+    for batch, world in enumerate((2, 3)[:rows[0]]):
+        boundary = BOUNDS[world][1]
+        for r in range(min(rows[1], 3)):
+            teacher[batch, r, boundary - 2:boundary - 2 + TIED] = 14.0
+    if rows[0] > 1 and rows[1] > 3:
+        teacher[1, 3, WIDE_TIE[0]:WIDE_TIE[1]] = 14.0
     labels = torch.randint(0, vocab - PADDING, rows, generator=g)
     labels.view(-1)[0] = labels.view(-1)[-2] = -100
+    labels.view(-1)[min(3, labels.numel() - 2)] = 7  # what ignore_index=7 ignores
     return student.to(student_dtype), teacher.to(teacher_dtype), labels
 
 
@@ -48,8 +54,14 @@ def _slice(x, rank, world):
 
 
 def _gap(a, b):
-    """max |a - b| / max |b| (0 when both are 0)."""
+    """max |a - b| / max |b| (0 when both are 0) where b is not NaN; inf unless a is NaN
+    exactly where b is."""
     a, b = a.double(), b.double()
+    if not torch.equal(torch.isnan(a), torch.isnan(b)):
+        return float("inf")
+    a, b = a[~torch.isnan(b)], b[~torch.isnan(b)]
+    if b.numel() == 0:
+        return 0.0
     scale = b.abs().max().item()
     return (a - b).abs().max().item() / scale if scale > 0 else (a - b).abs().max().item()
 
@@ -96,6 +108,24 @@ def _cases(rank, world, group, out):
              rank, world, group, out)
     all_ignored = (base[0], base[1], torch.full_like(base[2], -100))
     _compare("akl-all-ignored", ak.akl_loss, all_ignored, rank, world, group, out)
+    # NaN in an ignored row, in rank 0's slice only: every rank's gradient of that row is 0
+    # (the other slices are finite: their statistics are NaN, their coefficient 0).
+    nan_ignored = tuple(x.clone() for x in base)
+    nan_ignored[0][0, 0, 100] = float("nan")
+    for divergence in ("fkl", "akl", "jsd", "tvd"):
+        _compare(f"{divergence}-nan-in-an-ignored-row", ak.divergence_loss, nan_ignored, rank,
+                 world, group, out, divergence=divergence)
+    # +inf in a scored row's teacher, in the last rank's slice: the loss is NaN and so is
+    # that row's gradient on every rank, as in one process.
+    inf_scored = tuple(x.clone() for x in base)
+    inf_scored[1][1, 2, 900] = float("inf")
+    _compare("akl-inf-in-a-scored-row", ak.akl_loss, inf_scored, rank, world, group, out,
+             reduction="none")
+    # A row whose logits are all -inf in one slice (but not the others).
+    dark = tuple(x.clone() for x in base)
+    dark[0][0, 4, :BOUNDS[world][1]] = float("-inf")
+    dark[1][1, 4, :BOUNDS[world][1]] = float("-inf")
+    _compare("akl-a-slice-all-neg-inf", ak.akl_loss, dark, rank, world, group, out)
     for kd_ratio in (0.0, 0.5, 1.0):
         _compare(f"distillation-{kd_ratio}", ak.distillation_loss, base, rank, world, group,
                  out, kd_ratio=kd_ratio)
@@ -125,17 +155,20 @@ def _heads(rank, world, group, out):
         got = ak.head_tail_stats(_slice(student, rank, world), _slice(teacher, rank, world),
                                  process_group=group, **options)
         out[name] = {"counts_equal": bool(torch.equal(got.head_count, expected.head_count)),
-                     "tied_rows_head": got.head_count[0, :3].tolist(),
+                     "tied_rows_head": got.head_count[:, :3].tolist(),
+                     "wide_tie_head": int(got.head_count[1, 3]),
                      "weights": _gap(got.head_weight, expected.head_weight),
                      "mass": _gap(got.head_mass, expected.head_mass)}
 
 
 def _errors(rank, world, group, out):
-    """Calls that must fail with a clear error before any collective: (type, message)."""
+    """Calls that must fail with a clear error before any collective: (type, message,
+    collectives made)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
 
     import akl_kernels as ak
+    from akl_kernels.vocab_shards import recorded_collectives
 
     student, teacher, _ = logits(10)
     part_s, part_t = _slice(student, rank, world), _slice(teacher, rank, world)
@@ -157,17 +190,19 @@ def _errors(rank, world, group, out):
             distribute_tensor(teacher, mesh, [Shard(0)])),
     }
     for name, call in calls.items():
-        try:
-            call()
-            out[f"error-{name}"] = None
-        except (TypeError, ValueError) as error:
-            out[f"error-{name}"] = (type(error).__name__, str(error))
+        with recorded_collectives() as made:
+            try:
+                call()
+                out[f"error-{name}"] = None
+            except (TypeError, ValueError) as error:
+                out[f"error-{name}"] = (type(error).__name__, str(error), len(made))
 
 
 def _fused_linear(rank, world, group, out):
     """The column-parallel LM head: weights (and biases) sliced by vocabulary rows, hidden
     states replicated; the hidden states' gradient is each rank's partial sum."""
     import akl_kernels as ak
+    from akl_kernels.vocab_shards import recorded_collectives
 
     g = torch.Generator().manual_seed(9)
     hidden = torch.randn(2, 6, 24, generator=g)
@@ -182,6 +217,10 @@ def _fused_linear(rank, world, group, out):
             ("akl", ak.fused_linear_akl_loss, {}),
             ("distillation", ak.fused_linear_distillation_loss, dict(divergence="jsd")),
             ("akl-chunked", ak.fused_linear_akl_loss, dict(chunk_size=5)),
+            ("akl-recompute", ak.fused_linear_akl_loss, dict(chunk_size=5,
+                                                            strategy="recompute")),
+            ("distillation-recompute", ak.fused_linear_distillation_loss,
+             dict(strategy="recompute")),
             ("akl-teacher-logits", ak.fused_linear_akl_loss, {})):
         leaves = [x.clone().requires_grad_() for x in (hidden, weight, bias)]
         mine = [leaves[0].detach().clone().requires_grad_(),
@@ -196,16 +235,20 @@ def _fused_linear(rank, world, group, out):
                               teacher_weight=teacher_weight[lo:hi])
         expected = call(leaves[0], leaves[1], labels, student_bias=leaves[2], **whole_teacher,
                         **options)
-        got = call(mine[0], mine[1], labels, student_bias=mine[2], process_group=group,
-                   **my_teacher, **options)
+        with recorded_collectives() as forward:
+            got = call(mine[0], mine[1], labels, student_bias=mine[2], process_group=group,
+                       **my_teacher, **options)
         expected.backward()
-        got.backward()
+        with recorded_collectives() as backward:
+            got.backward()
         hidden_grad = mine[0].grad.clone()
         dist.all_reduce(hidden_grad, group=group)  # the column-parallel layer's all-reduce
         out[f"fused-{name}"] = {"loss": _gap(got, expected),
                                 "grad_weight": _gap(mine[1].grad, leaves[1].grad[lo:hi]),
                                 "grad_bias": _gap(mine[2].grad, leaves[2].grad[lo:hi]),
-                                "grad_hidden": _gap(hidden_grad, leaves[0].grad)}
+                                "grad_hidden": _gap(hidden_grad, leaves[0].grad),
+                                "forward_rounds": len(forward),
+                                "backward_rounds": len(backward)}
 
 
 def _collectives(rank, world, group, out):

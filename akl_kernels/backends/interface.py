@@ -34,11 +34,14 @@ class Backend(Protocol):
 
     def backward(self, student: torch.Tensor, teacher: torch.Tensor, row_stats: torch.Tensor,
                  coef: torch.Tensor, cfg: LossConfig, *, labels: torch.Tensor | None = None,
-                 grad_dtype: torch.dtype | None = None) -> torch.Tensor:
+                 grad_dtype: torch.dtype | None = None,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
         """``grad[i] = coef[i] * d loss_i / d student_i`` in ``grad_dtype`` (default the
         student's), exactly 0 where ``coef[i] == 0``. Elementwise given the row statistics,
         so the rows may be a block of the vocabulary's columns (labels then shifted by the
-        block's start: a label outside the block has no one-hot entry)."""
+        block's start: a label outside the block has no one-hot entry). ``out`` (contiguous,
+        of the gradient's shape and dtype) receives it, and may be the student's rows
+        themselves when they are not needed after (the fused linear tiles)."""
 
 
 _MODULES = {"torch": "akl_kernels.backends.torch", "triton": "akl_kernels.backends.triton"}

@@ -10,6 +10,10 @@ Drop-in subclasses, named as TRL names them, whose loss is any divergence of thi
 - ``DistillationTrainer`` (TRL's ``trl.DistillationTrainer``: on-policy generation, vLLM,
   tools): its chunked hidden-state JSD replaced by this library's fused linear loss (or, with
   ``fused_linear=False``, the loss on materialised logits).
+- ``ServerDistillationTrainer`` (TRL's ``trl.experimental.server_distillation``: a teacher on a
+  vLLM server that returns its top-k log-probabilities): the sparse losses on those top-k
+  tokens are this library's sparse-teacher losses (``TopKTeacher``, docs/contract.md §6),
+  TRL's ``loss_add_tail`` being ``tail="bucket"`` and its absence ``tail="renormalize"``.
 
 Inside each trainer TRL's conventions hold exactly, and differ from this library's defaults
 where TRL's do:
@@ -36,6 +40,9 @@ import sys
 import torch
 from trl import DistillationTrainer as _TRLDistillationTrainer
 from trl.experimental.gkd import GKDTrainer as _TRLGKDTrainer
+from trl.experimental.server_distillation import (
+    ServerDistillationTrainer as _TRLServerDistillationTrainer,
+)
 
 from akl_kernels import validation as checks
 from akl_kernels.config import make_config
@@ -46,6 +53,7 @@ from akl_kernels.integrations.transformers import (
     next_token_labels,
 )
 from akl_kernels.losses import divergence_loss
+from akl_kernels.topk_teacher import TopKTeacher
 
 # TRL's DistillationTrainer calls this module-level function for its loss; ours takes its
 # place for the duration of each loss call (``_trl_loss_replaced``), so that everything else
@@ -77,13 +85,17 @@ class _LibraryLoss:
         self.fused_linear, self.backend = fused_linear, backend
 
     def __call__(self, student, teacher, labels, *, temperature, num_items_in_batch,
-                 **fused):
+                 beta=None, **fused):
         """TRL's reduction of the divergence: ``sum / num_items_in_batch`` when given, else the
-        mean over the scored tokens. ``fused`` (``teacher_hidden``, ``teacher_weight``, biases)
-        means ``student`` is hidden states and ``teacher`` the student's weight."""
+        mean over the scored tokens. ``beta``: TRL's value at this call (the JSD's).
+        ``fused`` (``teacher_hidden``, ``teacher_weight``, biases) means ``student`` is hidden
+        states and ``teacher`` the student's weight."""
         reduction = "mean" if num_items_in_batch is None else "sum"
+        options = dict(self.options)
+        if beta is not None and self.divergence == "jsd":
+            options["beta"] = beta
         options = dict(divergence=self.divergence, temperature=temperature,
-                       reduction=reduction, backend=self.backend, **self.options)
+                       reduction=reduction, backend=self.backend, **options)
         if fused:
             loss = fused_linear_loss(student, teacher, labels, **fused, **options)
         else:
@@ -118,18 +130,22 @@ class GKDTrainer(_TRLGKDTrainer):
         labels = next_token_labels(inputs["labels"])
         self.teacher_model.eval()
         if self.library_loss.fused_linear:
-            outputs = model(**model_inputs, output_hidden_states=True, logits_to_keep=1)
+            # The student's logits of one position only, unless the caller wants its outputs
+            # (evaluation): then they are whole, as TRL returns them.
+            keep = {} if return_outputs else {"logits_to_keep": 1}
+            outputs = model(**model_inputs, output_hidden_states=True, **keep)
             with torch.no_grad():
                 teacher = self.teacher_model(**model_inputs, output_hidden_states=True,
                                              logits_to_keep=1)
+            hidden, teacher_hidden = outputs.hidden_states[-1], teacher.hidden_states[-1]
             student_head = _unwrap(model).get_output_embeddings()
             teacher_head = _unwrap(self.teacher_model).get_output_embeddings()
             loss = self.library_loss(
-                outputs.hidden_states[-1], student_head.weight, labels, temperature=1.0,
-                num_items_in_batch=num_items_in_batch, student_bias=student_head.bias,
-                teacher_hidden=teacher.hidden_states[-1],
-                teacher_weight=_detached(teacher_head.weight),
-                teacher_bias=_detached(teacher_head.bias))
+                hidden, _plain(student_head.weight, hidden), labels, temperature=1.0,
+                num_items_in_batch=num_items_in_batch,
+                student_bias=_plain(student_head.bias, hidden), teacher_hidden=teacher_hidden,
+                teacher_weight=_detached(_plain(teacher_head.weight, teacher_hidden)),
+                teacher_bias=_detached(_plain(teacher_head.bias, teacher_hidden)))
         else:
             outputs = model(**model_inputs)
             with torch.no_grad():
@@ -143,11 +159,15 @@ def _detached(x):
     return None if x is None else x.detach()
 
 
-def _full(x):
-    """A plain tensor of an FSDP2-sharded head's DTensor weight or bias (as TRL does)."""
-    if x is not None and type(x).__name__ == "DTensor":
-        return x.full_tensor()
-    return x
+def _plain(x, hidden):
+    """An output layer's weight or bias as a plain tensor in the hidden states' dtype: an
+    FSDP2-sharded head's DTensor gathered whole, and under mixed precision its float32 master
+    copy cast to the compute dtype (as TRL's own loss does)."""
+    if x is None:
+        return None
+    if type(x).__name__ == "DTensor":
+        x = x.full_tensor()
+    return x.to(hidden.dtype)
 
 
 class DistillationTrainer(_TRLDistillationTrainer):
@@ -156,7 +176,8 @@ class DistillationTrainer(_TRLDistillationTrainer):
     reverse KL), ``divergence_options``, ``fused_linear`` (default True: TRL's trainer never
     materialises logits either), ``loss_backend`` and ``log_entropy`` (TRL logs the student's
     mean entropy; computing it costs one more pass over the student's output layer, which
-    ``log_entropy=False`` skips, logging NaN instead) are keyword arguments."""
+    ``log_entropy=False`` skips: the metric is then NaN, which TRL's ``log`` reports as None)
+    are keyword arguments."""
 
     def __init__(self, *args, divergence="jsd", divergence_options=None, fused_linear=True,
                  loss_backend="auto", log_entropy=True, **kwargs):
@@ -179,17 +200,18 @@ class DistillationTrainer(_TRLDistillationTrainer):
                          teacher_final_logit_softcapping=None, temperature=1.0):
         """What TRL's chunked loss returns, (loss, student entropy sum, scored tokens), with
         this library's divergence (called by TRL's ``_compute_loss`` with its arguments)."""
-        del beta  # TRL's beta, already in the JSD's options (self.library_loss)
         valid = completion_mask.reshape(-1) != 0
         labels = torch.where(valid, 0, -100).reshape(completion_mask.shape)
-        student = _OutputLayer(student_hidden_states, _full(student_lm_head_weight),
-                               _full(student_lm_head_bias), student_logit_scale,
+        s_hidden, t_hidden = student_hidden_states, teacher_hidden_states
+        student = _OutputLayer(s_hidden, _plain(student_lm_head_weight, s_hidden),
+                               _plain(student_lm_head_bias, s_hidden), student_logit_scale,
                                student_final_logit_softcapping)
         # TRL differentiates the student only (its teacher's parameters may still ask for grad).
-        teacher = _OutputLayer(teacher_hidden_states, _detached(_full(teacher_lm_head_weight)),
-                               _detached(_full(teacher_lm_head_bias)), teacher_logit_scale,
-                               teacher_final_logit_softcapping)
-        loss_options = dict(temperature=temperature, num_items_in_batch=num_items_in_batch)
+        teacher = _OutputLayer(t_hidden, _detached(_plain(teacher_lm_head_weight, t_hidden)),
+                               _detached(_plain(teacher_lm_head_bias, t_hidden)),
+                               teacher_logit_scale, teacher_final_logit_softcapping)
+        loss_options = dict(temperature=temperature, num_items_in_batch=num_items_in_batch,
+                            beta=beta)
         if self.library_loss.fused_linear and not (student.softcap or teacher.softcap):
             s_hidden, s_weight, s_bias = student.linear()
             t_hidden, t_weight, t_bias = teacher.linear()
@@ -203,6 +225,59 @@ class DistillationTrainer(_TRLDistillationTrainer):
         entropy = (student.entropy_sum(valid, temperature) if self.log_entropy
                    else torch.tensor(float("nan"), device=loss.device))
         return loss, entropy, valid.sum()
+
+
+class ServerDistillationTrainer(_TRLServerDistillationTrainer):
+    """TRL's ``ServerDistillationTrainer`` with this library's sparse-teacher losses on the
+    teacher server's tokens: the top-k of the forward path (``beta = 0``, ``loss_top_k``
+    tokens) and the top-1 support of the mixed path (the teacher's top token and the sampled
+    one), each with TRL's tail rule (``loss_add_tail``: the rest of the vocabulary as one
+    bucket; without it, both distributions renormalised on the support) and TRL's reduction
+    (the mean over scored tokens). ``divergence`` (default "jsd", TRL's ``beta``),
+    ``divergence_options`` and ``loss_backend`` are keyword arguments; with
+    ``divergence="akl"`` the head is chosen among the server's tokens. The student's mass
+    outside the support is taken from its whole distribution, not as ``1 - sum_k q`` (which
+    cancels when the support holds nearly all of it)."""
+
+    def __init__(self, *args, divergence="jsd", divergence_options=None, loss_backend="auto",
+                 **kwargs):
+        super().__init__(*args, **kwargs)
+        self.library_loss = _LibraryLoss(divergence, divergence_options, beta=self.beta,
+                                         temperature=1.0, fused_linear=False,
+                                         backend=loss_backend)
+
+    def _compute_server_forward_kl_loss(self, teacher_result, student_log_probs, labels):
+        return self._support_loss(student_log_probs, teacher_result["topk_token_ids"],
+                                  teacher_result["topk_logprobs"], labels)
+
+    def _compute_sparse_top_1_divergence_loss(self, student_log_probs, teacher_top1_token_ids,
+                                              teacher_top1_logprobs, reverse_token_ids,
+                                              reverse_teacher_logprobs, labels,
+                                              num_items_in_batch=None):
+        del num_items_in_batch  # TRL's server path reduces locally (its mean), as here
+        if self.beta == 1:  # reverse KL: the sampled token alone
+            ids, logprobs = reverse_token_ids[..., None], reverse_teacher_logprobs[..., None]
+        else:  # the teacher's top token and the sampled one, counted once when they agree
+            ids = torch.stack([teacher_top1_token_ids, reverse_token_ids], dim=-1)
+            logprobs = torch.stack([teacher_top1_logprobs, reverse_teacher_logprobs], dim=-1)
+            same = reverse_token_ids == teacher_top1_token_ids
+            logprobs[..., 1] = torch.where(same, float("-inf"), logprobs[..., 1])
+        return self._support_loss(student_log_probs, ids, logprobs, labels)
+
+    def _support_loss(self, student_log_probs, ids, logprobs, labels):
+        """The divergence on the server's support: ``student_log_probs`` [B, T, V] (TRL's
+        ``log_softmax(logits / T)``, so the loss runs at T = 1 on them), ``ids`` and
+        ``logprobs`` [B, T, k] (-inf: padding), ``labels`` -100 where not scored."""
+        scored = labels != -100
+        # Rows not scored may carry no token at all: one certain token stands in (their loss
+        # and gradient are 0 either way), so that every row is a valid distribution.
+        stand_in = torch.full_like(logprobs, float("-inf"))
+        stand_in[..., 0] = 0.0
+        logprobs = torch.where(scored[..., None], logprobs, stand_in)
+        teacher = TopKTeacher(ids, logprobs, tail="bucket" if self.loss_add_tail
+                              else "renormalize")
+        return self.library_loss(student_log_probs, teacher, labels, temperature=1.0,
+                                 num_items_in_batch=None, beta=self.beta)
 
 
 class _OutputLayer:

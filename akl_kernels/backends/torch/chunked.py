@@ -371,15 +371,26 @@ def add_cross_entropy_grad(g, s1, st, labels, coef):
 
 def divergence_grad(zs, zt, st, coef, cfg, finite):
     if cfg.kind in POINTWISE:
-        return _pointwise_grad(zs, zt, st, coef, cfg, finite)
-    return (_finite_grad if finite else _masked_grad)(zs, zt, st, coef)
+        g = _pointwise_grad(zs, zt, st, coef, cfg, finite)
+    else:
+        g = (_finite_grad if finite else _masked_grad)(zs, zt, st, coef)
+    if finite:
+        # A row of finite logits whose statistics are not (a vocabulary slice of a row that
+        # another slice poisons) gets NaN times its coefficient: exactly 0 where that is 0.
+        # Checked per row: one pass over the [rows, 15] statistics, not over the logits.
+        silent = (coef == 0) & ~torch.isfinite(st).all(dim=1)
+        if bool(silent.any()):
+            g[silent] = 0.0
+    return g
 
 
-def backward(s2d, t2d, row_stats, coef, cfg, *, labels=None, grad_dtype=None):
+def backward(s2d, t2d, row_stats, coef, cfg, *, labels=None, grad_dtype=None, out=None):
     n_rows, vocab = s2d.shape
     dtype = row_stats.dtype
     inv_t = 1.0 / cfg.temperature
-    grad = torch.empty((n_rows, vocab), dtype=grad_dtype or s2d.dtype, device=s2d.device)
+    # ``out`` may be s2d itself: each chunk's rows are read (copied) before they are written.
+    grad = out if out is not None else torch.empty(
+        (n_rows, vocab), dtype=grad_dtype or s2d.dtype, device=s2d.device)
     kind = cfg.kind if cfg.kind in POINTWISE else "fkl"
     # A term of weight 0 is not evaluated (its NaN must not reach the gradient).
     with_divergence, with_ce = cfg.divergence_weight != 0, cfg.cross_entropy_weight != 0

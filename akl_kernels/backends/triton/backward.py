@@ -82,9 +82,11 @@ def _divergence_grad_kernel(
     tl.store(grad_ptr + row * V + offs, grad.to(grad_ptr.dtype.element_ty), mask=offs < V)
 
 
-def backward(s2d, t2d, row_stats, coef, cfg, *, labels=None, grad_dtype=None):
+def backward(s2d, t2d, row_stats, coef, cfg, *, labels=None, grad_dtype=None, out=None):
     n_rows, vocab = s2d.shape
-    grad = torch.empty((n_rows, vocab), dtype=grad_dtype or s2d.dtype, device=s2d.device)
+    # ``out`` may be s2d itself (contiguous): each program reads its block before writing it.
+    grad = out if out is not None else torch.empty(
+        (n_rows, vocab), dtype=grad_dtype or s2d.dtype, device=s2d.device)
     if n_rows > 0:
         settings = launch.backward_launch(vocab)
         grid = (n_rows, triton.cdiv(vocab, settings["BLOCK"]))

@@ -30,6 +30,12 @@ def data_parallel():
     return worker.spawn(2, "data_parallel")
 
 
+def test_a_failing_rank_is_reported_with_its_stderr():
+    # What a crash in CI shows: pytest's capture of a spawned child is not in the error.
+    with pytest.raises(RuntimeError, match=r"--- rank 1 stderr ---[\s\S]*ValueError: rank 1 fails"):
+        worker.spawn(2, "fails_on_the_last_rank")
+
+
 def _every_rank(ranks, world, case):
     return [results[case] for results in ranks[world]]
 

@@ -56,7 +56,12 @@ def _assert_close(loss, grad, ref_loss, ref_grad, dtype, value_tol=1e-5):
     assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
     err = (loss.double().cpu() - ref_loss).abs()
     assert (err <= value_tol * ref_loss.abs() + 1e-6).all(), (loss, ref_loss)
-    assert rel_err(grad, ref_grad) < grad_tol(dtype)
+    # Relative, with a floor: a gradient entry is a float32 difference of terms of size up to 1
+    # (the probabilities), formed to a few ulps of 1 however small it is. A student this near a
+    # peaked teacher gives rows whose whole gradient is ~1e-5 (seed 4268882038).
+    floor = 8 * torch.finfo(torch.float32).eps * ref_loss.numel() ** 0.5
+    err = (grad.double().cpu() - ref_grad).norm().item()
+    assert err < grad_tol(dtype) * ref_grad.norm().item() + floor, rel_err(grad, ref_grad)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

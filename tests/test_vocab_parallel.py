@@ -30,6 +30,18 @@ def data_parallel():
     return worker.spawn(2, "data_parallel")
 
 
+@pytest.fixture(scope="module")
+def compiled():
+    return worker.spawn(2, "compiled")
+
+
+@pytest.mark.parametrize("case", ["compiled-fkl", "compiled-akl", "compiled-fused-akl"])
+def test_a_group_inside_torch_compile_is_one_graph_matching_one_process(compiled, case):
+    for result in _every_rank({2: compiled}, 2, case):
+        assert result.pop("breaks") == 0
+        assert max(result.values()) < TOLERANCE, result
+
+
 def test_a_failing_rank_is_reported_with_its_stderr():
     # What a crash in CI shows: pytest's capture of a spawned child is not in the error.
     with pytest.raises(RuntimeError, match=r"--- rank 1 stderr ---[\s\S]*ValueError: rank 1 fails"):

@@ -415,9 +415,13 @@ def _run(rank, world, init, result_dir, target):
     os.environ["TRITON_INTERPRET"] = "1"  # before Triton is imported: its CPU interpreter
     # This rank's stderr, C++ included (what gloo prints before it aborts), goes to a file that
     # spawn() puts in its error: pytest's report of a crashed child would show neither.
-    log = open(os.path.join(result_dir, f"rank{rank}.log"), "w", buffering=1)
-    os.dup2(log.fileno(), 2)
-    faulthandler.enable(log)
+    with open(os.path.join(result_dir, f"rank{rank}.log"), "w", buffering=1) as log:
+        os.dup2(log.fileno(), 2)
+        faulthandler.enable(log)
+        _run_target(rank, world, init, result_dir, target)
+
+
+def _run_target(rank, world, init, result_dir, target):
     # A rank left waiting on a dead peer fails in minutes rather than gloo's default 30.
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world,
                             timeout=datetime.timedelta(minutes=3))
@@ -463,7 +467,8 @@ def spawn(world, target_name):
             logs = "".join(f"--- rank {r} stderr ---\n" + _tail(os.path.join(tmp, f"rank{r}.log"))
                            for r in range(world))
             if not all(os.path.exists(path) for path in results):
-                raise RuntimeError(f"{target_name} on {world} gloo ranks: {error}\n{logs}") from error
+                raise RuntimeError(f"{target_name} on {world} gloo ranks: {error}\n{logs}") \
+                    from error
             # Every rank finished and saved what it computed: the crash is in gloo's teardown,
             # not in what the tests check. Say so, loudly, and go on.
             warnings.warn(f"{target_name} on {world} gloo ranks crashed after its results were "
@@ -480,3 +485,41 @@ def fails_on_the_last_rank(rank, world, group, out):
     if rank == world - 1:
         raise ValueError(f"rank {rank} fails on purpose")
     dist.barrier(group)
+
+
+def compiled(rank, world, group, out):
+    """The losses with a group inside ``torch.compile(fullgraph=True)``: what each compiled
+    call gives against the single-process eager loss, and its graph breaks."""
+    from torch._dynamo.utils import counters
+
+    import akl_kernels as ak
+
+    for name, loss in (("fkl", ak.fkl_loss), ("akl", ak.akl_loss)):
+        torch._dynamo.reset()
+        counters.clear()
+        _compare(f"compiled-{name}", torch.compile(loss, fullgraph=True), logits(4), rank,
+                 world, group, out)
+        out[f"compiled-{name}"]["breaks"] = sum(counters["graph_break"].values())
+    # The column-parallel head, fused: the hidden states' gradient is this rank's partial sum.
+    g = torch.Generator().manual_seed(5)
+    hidden, teacher_hidden = (torch.randn(2, 6, width, generator=g) for width in (24, 32))
+    weight, teacher_weight = (0.3 * torch.randn(VOCAB, width, generator=g) for width in (24, 32))
+    _, _, labels = logits(5, rows=(2, 6))
+    lo, hi = BOUNDS[world][rank], BOUNDS[world][rank + 1]
+    whole = [hidden.clone().requires_grad_(), weight.clone().requires_grad_()]
+    mine = [hidden.clone().requires_grad_(), weight[lo:hi].clone().requires_grad_()]
+    expected = ak.fused_linear_akl_loss(*whole, labels, teacher_hidden=teacher_hidden,
+                                        teacher_weight=teacher_weight)
+    torch._dynamo.reset()
+    counters.clear()
+    got = torch.compile(ak.fused_linear_akl_loss, fullgraph=True)(
+        *mine, labels, teacher_hidden=teacher_hidden, teacher_weight=teacher_weight[lo:hi],
+        process_group=group)
+    expected.backward()
+    got.backward()
+    hidden_grad = mine[0].grad.clone()
+    dist.all_reduce(hidden_grad, group=group)
+    out["compiled-fused-akl"] = {"loss": _gap(got, expected),
+                                 "grad_weight": _gap(mine[1].grad, whole[1].grad[lo:hi]),
+                                 "grad_hidden": _gap(hidden_grad, whole[0].grad),
+                                 "breaks": sum(counters["graph_break"].values())}

@@ -48,6 +48,13 @@ def test_a_failing_rank_is_reported_with_its_stderr():
         worker.spawn(2, "fails_on_the_last_rank")
 
 
+def test_a_rank_killed_by_a_signal_is_started_again_once(tmp_path, monkeypatch):
+    monkeypatch.setenv("AKL_ABORT_MARKER", str(tmp_path / "aborted"))
+    with pytest.warns(UserWarning, match="SIGABRT; starting it again"):
+        results = worker.spawn(2, "aborts_once")
+    assert [r["attempt"] for r in results] == ["second", "second"]
+
+
 def _every_rank(ranks, world, case):
     return [results[case] for results in ranks[world]]
 

@@ -85,8 +85,8 @@ class LinearHead(NamedTuple):
     def dtype(self) -> torch.dtype:
         return self.hidden.dtype
 
-    def logits(self, rows: slice, vocab: slice, dtype: torch.dtype) -> torch.Tensor:
-        out = matmul_wide(self.hidden[rows], self.weight[vocab].T, dtype)
+    def logits(self, rows: slice, vocab: slice, dtype: torch.dtype, out=None) -> torch.Tensor:
+        out = matmul_wide(self.hidden[rows], self.weight[vocab].T, dtype, out)
         if self.bias is not None:
             out += self.bias[vocab]
         return out
@@ -102,7 +102,8 @@ class GivenLogits(NamedTuple):
     def dtype(self) -> torch.dtype:
         return self.all_logits.dtype
 
-    def logits(self, rows: slice, vocab: slice, dtype: torch.dtype) -> torch.Tensor:
+    def logits(self, rows: slice, vocab: slice, dtype: torch.dtype, out=None) -> torch.Tensor:
+        del out  # a view of the given logits, or a gather of its rows: no tile to fill
         block = self.all_logits[:, vocab]  # the backends read any dtype and row stride
         if self.rows is None:
             return block[rows]
@@ -134,16 +135,21 @@ def _wide_output_gemm(dtype: torch.dtype, device: torch.device) -> bool:
         return False
 
 
-def matmul_wide(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``a @ b`` in ``dtype`` (float32 or float64) without rounding to the inputs' precision."""
+def matmul_wide(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype,
+                out: torch.Tensor | None = None) -> torch.Tensor:
+    """``a @ b`` in ``dtype`` (float32 or float64) without rounding to the inputs' precision,
+    into ``out`` if given (contiguous, of that shape and dtype)."""
     if a.dtype == b.dtype == dtype:
-        return a @ b
+        return torch.mm(a, b, out=out)
     if a.dtype == b.dtype and dtype == torch.float32 and _wide_output_gemm(a.dtype, a.device):
         # The low-precision GEMM's float32 accumulator, stored as is (exact products, fast).
-        return torch.mm(a, b, out_dtype=torch.float32)
+        if out is None:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        return torch.mm(a, b, out_dtype=torch.float32, out=out)
     # No bf16/fp16 GEMM with a float32 output (CPU): widen b a block of columns at a time, so
     # no wide copy of a whole weight exists.
-    out = torch.empty(a.shape[0], b.shape[1], dtype=dtype, device=a.device)
+    if out is None:
+        out = torch.empty(a.shape[0], b.shape[1], dtype=dtype, device=a.device)
     wide_a = a.to(dtype)
     for columns in _spans(b.shape[1], _WIDEN_COLUMNS):
         out[:, columns] = wide_a @ b[:, columns].to(dtype)
@@ -200,13 +206,40 @@ def _balanced_spans(total: int, most: int):
         yield slice(k * total // count, (k + 1) * total // count)
 
 
-def _tile_logits(student: LinearHead, teacher, rows: slice, vocab: slice, dtype):
-    """(student logits, teacher logits) of a tile; the teacher's are None for a sparse
-    teacher, and the student's own for none (the cross-entropy alone)."""
-    s = student.logits(rows, vocab, dtype)
+class TileBuffers:
+    """The float32 tiles of one sweep, one reused buffer per role ("student", "teacher",
+    "gradient"), each tile a contiguous view of its buffer's front. On CPU a fresh tile of
+    tens of MiB is a fresh mapping (glibc maps every block over 32 MiB anew), page-faulted in
+    again by the GEMM that fills it: 1 GiB per call at the CPU benchmark's shape. (CUDA's
+    caching allocator reuses the memory anyway.) A buffer is sized for ``most_rows`` rows at
+    its first tile, the widest (a sweep's first vocabulary block is), so it is never replaced
+    by a larger one while both are alive."""
+
+    def __init__(self, dtype: torch.dtype, device: torch.device, most_rows: int):
+        self.dtype, self.device, self.most_rows = dtype, device, most_rows
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def __call__(self, role: str, rows: int, columns: int) -> torch.Tensor:
+        size = rows * columns
+        buffer = self._buffers.get(role)
+        if buffer is None or buffer.numel() < size:
+            self._buffers.pop(role, None)  # this reference to the old one dropped first
+            buffer = self._buffers[role] = torch.empty(
+                max(size, self.most_rows * columns), dtype=self.dtype, device=self.device)
+        return buffer[:size].view(rows, columns)
+
+
+def _tile_logits(student: LinearHead, teacher, rows: slice, vocab: slice, tiles: TileBuffers):
+    """(student logits, teacher logits) of a tile, in ``tiles``; the teacher's are None for a
+    sparse teacher, and the student's own for none (the cross-entropy alone)."""
+    n_rows = len(range(*rows.indices(student.hidden.shape[0])))
+    width = len(range(*vocab.indices(student.weight.shape[0])))
+    s = student.logits(rows, vocab, tiles.dtype, tiles("student", n_rows, width))
     if isinstance(teacher, GivenTopK):
         return s, None
-    return s, s if teacher is None else teacher.logits(rows, vocab, dtype)
+    if teacher is None:
+        return s, s
+    return s, teacher.logits(rows, vocab, tiles.dtype, tiles("teacher", n_rows, width))
 
 
 def _chunk_forward(s, t, teacher, span, labels, cfg, backend):
@@ -224,10 +257,11 @@ def _chunk_forward(s, t, teacher, span, labels, cfg, backend):
 
 
 def _logits_gradient(s, t, teacher, row_stats, coef, labels, cfg, backend, span: slice,
-                     block: slice, gemm_dtype, in_place=False):
+                     block: slice, gemm_dtype, out=None):
     """d loss / d logits of the tile (rows ``span``, vocabulary ``block``) whose logits are
     ``s`` and ``t``, for ``coef`` per row, in ``gemm_dtype``: elementwise given the rows'
-    statistics (``row_stats`` of these rows). ``in_place``: written over ``s``."""
+    statistics (``row_stats`` of these rows); into ``out`` if given (a dense teacher's; it may
+    be ``s`` itself)."""
     shifted = None if labels is None else labels[span] - block.start
     if isinstance(teacher, GivenTopK):
         return backend.topk_backward(
@@ -235,7 +269,7 @@ def _logits_gradient(s, t, teacher, row_stats, coef, labels, cfg, backend, span:
             coef, cfg, labels=shifted, grad_dtype=gemm_dtype,
             category_grad=row_stats[:, N_TOPK_STATS:], column_offset=block.start)
     return backend.backward(s, t, row_stats, coef, cfg, labels=shifted, grad_dtype=gemm_dtype,
-                            out=s if in_place else None)
+                            out=out)
 
 
 def forward_sweep(student: LinearHead, teacher, labels, cfg, backend, tiles: Tiling):
@@ -244,11 +278,11 @@ def forward_sweep(student: LinearHead, teacher, labels, cfg, backend, tiles: Til
     ``GivenLogits``, ``GivenTopK`` or None (the student's own logits stand in: the
     cross-entropy alone)."""
     n_valid = student.hidden.shape[0]
+    buffers = TileBuffers(tiles.dtype, student.hidden.device, tiles.forward_rows)
     losses, stats, parts = [], [], []
     for span in _spans(n_valid, tiles.forward_rows):
-        s, t = _tile_logits(student, teacher, span, slice(None), tiles.dtype)
+        s, t = _tile_logits(student, teacher, span, slice(None), buffers)
         loss, row_stats, part = _chunk_forward(s, t, teacher, span, labels, cfg, backend)
-        del s, t  # before the next chunk's tiles exist (else three are alive at once)
         losses.append(loss)
         stats.append(row_stats)
         parts.append(part)
@@ -297,16 +331,18 @@ def backward_sweep(student: LinearHead, teacher, row_stats, coef, labels, cfg, b
     grads = _empty_gradients(student, wide, need_hidden=need_hidden, need_bias=need_bias)
     weight = torch.zeros_like(student.weight) if need_weight else None
     gemm_dtype = _gemm_dtype(student.weight, wide)
+    buffers = TileBuffers(wide, device, tiles.backward_rows)
+    # A dense teacher's logits gradient in its own reused tile where it has the tiles' dtype.
+    own_tile = gemm_dtype == wide and not isinstance(teacher, GivenTopK)
     for block in _spans(vocab, tiles.vocab_block) if n_valid else ():
         block_grad = (torch.zeros(student.weight[block].shape, dtype=wide, device=device)
                       if need_weight else None)
         for span in _spans(n_valid, tiles.backward_rows):
-            s, t = _tile_logits(student, teacher, span, block, wide)
+            s, t = _tile_logits(student, teacher, span, block, buffers)
+            out = buffers("gradient", *s.shape) if own_tile else None
             g = _logits_gradient(s, t, teacher, row_stats[span], coef[span], labels, cfg,
-                                 backend, span, block, gemm_dtype)
-            del s, t
+                                 backend, span, block, gemm_dtype, out)
             _add_tile(grads, g, student, span, block, block_grad)
-            del g  # before the next tile's logits exist
         if need_weight:
             weight[block] = block_grad
     return grads._replace(weight=weight)
@@ -385,16 +421,17 @@ def forward_gradient_sweep(student: LinearHead, teacher, labels, cfg, backend, t
     # then, not three, so the same budget holds wider chunks.
     in_place = (gemm_dtype == wide and isinstance(teacher, (LinearHead, GivenLogits)))
     rows = tiles.in_place_rows if in_place else tiles.gradient_rows
+    spans = list(_balanced_spans(n_valid, rows))
+    buffers = TileBuffers(wide, student.hidden.device,
+                          max((span.stop - span.start for span in spans), default=0))
     losses, stats, parts = [], [], []
-    for span in _balanced_spans(n_valid, rows):
-        s, t = _tile_logits(student, teacher, span, every_vocab, wide)
+    for span in spans:
+        s, t = _tile_logits(student, teacher, span, every_vocab, buffers)
         loss, row_stats, part = _chunk_forward(s, t, teacher, span, labels, cfg, backend)
         unit = torch.ones_like(loss)
         g = _logits_gradient(s, t, teacher, row_stats, unit, gradient_labels, cfg, backend,
-                             span, every_vocab, gemm_dtype, in_place)
-        del s, t
+                             span, every_vocab, gemm_dtype, s if in_place else None)
         _add_tile(grads, g, student, span, every_vocab, weight_grad)
-        del g  # before the next chunk's tiles exist
         losses.append(loss)
         stats.append(row_stats)
         parts.append(part)

@@ -254,9 +254,9 @@ def test_ignored_rows_get_exactly_zero_and_cost_no_gemm(rng):
     seen_rows = []
     original = fused_linear.matmul_wide
 
-    def spy(a, b, dtype):
+    def spy(a, b, dtype, out=None):
         seen_rows.append(a.shape[0])
-        return original(a, b, dtype)
+        return original(a, b, dtype, out)
 
     fused_linear.matmul_wide = spy
     try:

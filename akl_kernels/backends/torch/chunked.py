@@ -18,7 +18,7 @@ from typing import NamedTuple
 
 import torch
 
-from akl_kernels.backends.torch import head_split, pointwise
+from akl_kernels.backends.torch import cpu_heap, head_split, pointwise
 from akl_kernels.backends.torch.reductions import log_sum_exp, row_sum
 from akl_kernels.config import POINTWISE
 from akl_kernels.row_results import (
@@ -57,6 +57,10 @@ def working_set_bytes(device_type: str = "cuda", kind: str = "fkl") -> int:
 
 
 def chunk_rows(vocab: int, dtype: torch.dtype, kind: str, device_type: str = "cuda") -> int:
+    """Rows per chunk of a chunk loop; on CPU, first makes glibc keep the loop's freed
+    temporaries for reuse (``cpu_heap``)."""
+    if device_type == "cpu":
+        cpu_heap.keep_freed_chunks_resident()
     per_row = vocab * torch.finfo(dtype).bits // 8 * _LIVE_TEMPORARIES[kind]
     return max(1, working_set_bytes(device_type, kind) // per_row)
 

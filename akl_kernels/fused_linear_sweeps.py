@@ -102,8 +102,7 @@ class GivenLogits(NamedTuple):
     def dtype(self) -> torch.dtype:
         return self.all_logits.dtype
 
-    def logits(self, rows: slice, vocab: slice, dtype: torch.dtype, out=None) -> torch.Tensor:
-        del out  # a view of the given logits, or a gather of its rows: no tile to fill
+    def logits(self, rows: slice, vocab: slice, dtype: torch.dtype) -> torch.Tensor:
         block = self.all_logits[:, vocab]  # the backends read any dtype and row stride
         if self.rows is None:
             return block[rows]
@@ -239,7 +238,9 @@ def _tile_logits(student: LinearHead, teacher, rows: slice, vocab: slice, tiles:
         return s, None
     if teacher is None:
         return s, s
-    return s, teacher.logits(rows, vocab, tiles.dtype, tiles("teacher", n_rows, width))
+    if isinstance(teacher, LinearHead):
+        return s, teacher.logits(rows, vocab, tiles.dtype, tiles("teacher", n_rows, width))
+    return s, teacher.logits(rows, vocab, tiles.dtype)  # given logits: a view or a gather
 
 
 def _chunk_forward(s, t, teacher, span, labels, cfg, backend):

@@ -1,19 +1,21 @@
 """The sweeps behind every ``fused_linear_*`` loss: ``hidden @ weight.T + bias`` is never stored
 whole (the design, with the bytes and the matmuls each pass costs, is docs/fused_linear.md).
 
-- Forward sweeps chunks of valid rows. Each chunk's student (and teacher) logits are computed in
-  float32, keeping a bf16 GEMM's float32 accumulator rather than rounding it to bf16 first
-  (rounding the logits to bf16 before the loss loses accuracy a float32 loss then cannot
-  recover), and handed to the backend's forward, whose per-row statistics
-  (``row_results.RowStat``) are all that is kept.
-- Backward sweeps blocks of the vocabulary. Each block's logits are recomputed for the valid
-  rows; the backend's backward, elementwise once the row statistics are known, turns them into
-  d loss / d logits, and two GEMMs give that block's share of the hidden states' gradient
-  (a float32 [rows, H] accumulator) and its rows of the weight's gradient (a float32
-  [block, H] accumulator over row chunks, rounded once to the weight's dtype).
+Every tile's logits are computed in float32, keeping a bf16 GEMM's float32 accumulator rather
+than rounding it to bf16 first (a float32 loss cannot recover what that rounding loses), and
+handed to the backend, whose per-row statistics (``row_results.RowStat``) are all it keeps.
 
-So nothing of size N x V and no float32 copy of the weight or its gradient ever exists, at the
-price of computing the logits twice. The custom operators that call these sweeps are in
+- ``forward_gradient_sweep`` (the default strategy): chunks of whole rows. Each chunk gives its
+  statistics, then its logits' gradient from the same tiles, then that gradient's share of the
+  hidden states' gradient and of the weight's (``WeightGradient``: float32-accurate across
+  chunks). 4 GEMMs, as many as the unfused path.
+- ``forward_sweep`` and ``backward_sweep`` (the recomputing strategy): forward keeps only the
+  statistics; backward sweeps blocks of the vocabulary, recomputes each block's logits for the
+  valid rows, and turns them into d loss / d logits and two GEMMs (a float32 [rows, H]
+  accumulator for the hidden states, a float32 [block, H] one per block of the weight, rounded
+  once to the weight's dtype). 6 GEMMs, the least memory.
+
+Either way nothing of size N x V exists. The custom operators that call these sweeps are in
 fused_linear_op.py.
 """
 
@@ -206,13 +208,13 @@ def _balanced_spans(total: int, most: int):
 
 
 class TileBuffers:
-    """The float32 tiles of one sweep, one reused buffer per role ("student", "teacher",
-    "gradient"), each tile a contiguous view of its buffer's front. On CPU a fresh tile of
-    tens of MiB is a fresh mapping (glibc maps every block over 32 MiB anew), page-faulted in
-    again by the GEMM that fills it: 1 GiB per call at the CPU benchmark's shape. (CUDA's
-    caching allocator reuses the memory anyway.) A buffer is sized for ``most_rows`` rows at
-    its first tile, the widest (a sweep's first vocabulary block is), so it is never replaced
-    by a larger one while both are alive."""
+    """The wide (float32; float64 for float64 inputs) tiles of one sweep, one reused buffer per
+    role ("student", "teacher", "gradient"), each tile a contiguous view of its buffer's front.
+    On CPU a fresh tile of tens of MiB is a fresh mapping (glibc maps every block over 32 MiB
+    anew), page-faulted in again by the GEMM that fills it: 1 GiB per call at the CPU
+    benchmark's shape. (CUDA's caching allocator reuses the memory anyway.) A buffer is sized
+    for ``most_rows`` rows at its first tile, the widest (a sweep's first vocabulary block is),
+    so it is never replaced by a larger one while both are alive."""
 
     def __init__(self, dtype: torch.dtype, device: torch.device, most_rows: int):
         self.dtype, self.device, self.most_rows = dtype, device, most_rows
@@ -284,6 +286,8 @@ def forward_sweep(student: LinearHead, teacher, labels, cfg, backend, tiles: Til
     for span in _spans(n_valid, tiles.forward_rows):
         s, t = _tile_logits(student, teacher, span, slice(None), buffers)
         loss, row_stats, part = _chunk_forward(s, t, teacher, span, labels, cfg, backend)
+        # A gathered teacher tile is not a buffer's: freed before the next chunk's exists.
+        del s, t
         losses.append(loss)
         stats.append(row_stats)
         parts.append(part)
@@ -344,6 +348,7 @@ def backward_sweep(student: LinearHead, teacher, row_stats, coef, labels, cfg, b
             g = _logits_gradient(s, t, teacher, row_stats[span], coef[span], labels, cfg,
                                  backend, span, block, gemm_dtype, out)
             _add_tile(grads, g, student, span, block, block_grad)
+            del s, t, g  # a gathered teacher's tile, a backend's gradient: not buffers'
         if need_weight:
             weight[block] = block_grad
     return grads._replace(weight=weight)
@@ -433,6 +438,7 @@ def forward_gradient_sweep(student: LinearHead, teacher, labels, cfg, backend, t
         g = _logits_gradient(s, t, teacher, row_stats, unit, gradient_labels, cfg, backend,
                              span, every_vocab, gemm_dtype, s if in_place else None)
         _add_tile(grads, g, student, span, every_vocab, weight_grad)
+        del s, t, g  # a gathered teacher's tile, a backend's gradient: not buffers'
         losses.append(loss)
         stats.append(row_stats)
         parts.append(part)

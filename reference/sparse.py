@@ -21,7 +21,7 @@ from reference.definition import (
 )
 
 
-def _category_log_probs(student_logits, teacher: TopKTeacher, temperature):
+def category_log_probs(student_logits, teacher: TopKTeacher, temperature):
     """(log P, log Q, present, vocabulary index) of each row's categories: the k tokens, then
     in bucket mode "rest". Padding has log P = log Q = -inf."""
     log_q_full = torch.log_softmax(_scaled64(student_logits, temperature), dim=-1)
@@ -85,7 +85,7 @@ def reference_sparse_loss(kind, student_logits, teacher: TopKTeacher, labels=Non
                           include_crossing=False, temperature=1.0, ignore_index=-100,
                           reduction="mean", param=0.0):
     """``reference_loss`` with a sparse teacher: the divergence on the categories."""
-    log_p, log_q, present, index = _category_log_probs(student_logits, teacher, temperature)
+    log_p, log_q, present, index = category_log_probs(student_logits, teacher, temperature)
     rows = _divergence_rows(kind, _terms(log_p, log_q), param, lambda: reference_sparse_head_mask(
         log_p, present, index, mu=mu, include_crossing=include_crossing))
     return _reduce(rows, labels, ignore_index, reduction)
@@ -93,7 +93,7 @@ def reference_sparse_loss(kind, student_logits, teacher: TopKTeacher, labels=Non
 
 def reference_sparse_head_tail_stats(student_logits, teacher: TopKTeacher, *, mu=0.5,
                                      include_crossing=False, temperature=1.0) -> HeadTailStats:
-    log_p, log_q, present, index = _category_log_probs(student_logits.detach(), teacher,
+    log_p, log_q, present, index = category_log_probs(student_logits.detach(), teacher,
                                                        temperature)
     head = reference_sparse_head_mask(log_p, present, index, mu=mu,
                                       include_crossing=include_crossing)

@@ -26,7 +26,8 @@ fi
 command="${1:-}"
 shift || true
 case "$command" in
-  test) exec "$VENV/bin/python" -m pytest "$@" ;;
+  # One pytest-xdist worker per core (pass -n 0 to run in this process, e.g. for --pdb).
+  test) exec "$VENV/bin/python" -m pytest -n auto --dist worksteal "$@" ;;
   bench) exec "$VENV/bin/python" -m benchmarks "$@" ;;
   *) echo "usage: ./run.sh test|bench [args]" >&2; exit 2 ;;
 esac

@@ -14,6 +14,11 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
+# ./run.sh test runs pytest-xdist workers, one per core: each gets its share of the cores
+# (torch would start a thread per core in every worker, and they would contend).
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // _WORKERS))
 BACKENDS = ["torch", "triton"]
 
 

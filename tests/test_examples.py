@@ -81,8 +81,8 @@ def test_vocab_parallel_example_under_torchrun_matches_one_process():
     from examples import vocab_parallel
 
     done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m",
-         "examples.vocab_parallel", "--steps", "4"],
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         "-m", "examples.vocab_parallel", "--steps", "4"],
         cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=300,
         check=False)
     assert done.returncode == 0, done.stderr[-3000:]

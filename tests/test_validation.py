@@ -455,7 +455,10 @@ def test_infinite_options_are_refused(rng):
     (lambda: akl_kernels.DistillationLoss(["akl"]), TypeError, "divergence"),
     (lambda: akl_kernels.DivergenceLoss("kl"), ValueError, "divergence"),
     (lambda: akl_kernels.FusedLinearDistillationLoss(kd_ratio=-0.1), ValueError, "kd_ratio"),
-], ids=repr)
+], ids=["AKLLoss-ignore_index", "FKLLoss-ignore_index", "FusedLinearLoss-ignore_index",
+        "FusedLinearAKLLoss-check_values", "DistillationLoss-backend",
+        "DistillationLoss-return_parts", "DistillationLoss-kd_ratio", "DistillationLoss-divergence",
+        "DivergenceLoss-divergence", "FusedLinearDistillationLoss-kd_ratio"])
 def test_modules_refuse_bad_options_at_construction(make, error, name):
     with pytest.raises(error, match=name):
         make()

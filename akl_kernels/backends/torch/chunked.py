@@ -331,11 +331,10 @@ def _finite_grad(zs, zt, st, coef, kind):
     if kind == "fkl":
         g = log_q.exp_().mul_(col(S.P_C)).sub_(log_p.exp_())
         return g.mul_(coef[:, None] * col(S.W_F))
-    g = log_q - log_p
+    g = (log_q - log_p).add_(1.0 - col(S.RKL) - col(S.Q_C))
     if kind == "rkl":
-        g.add_(1.0 - col(S.RKL) - col(S.Q_C)).mul_(log_q.exp_())
-        return g.mul_(coef[:, None] * col(S.W_R))
-    g.add_(1.0 - col(S.RKL) - col(S.Q_C)).mul_(col(S.W_R)).add_(col(S.W_F) * col(S.P_C))
+        return g.mul_(log_q.exp_()).mul_(coef[:, None] * col(S.W_R))
+    g.mul_(col(S.W_R)).add_(col(S.W_F) * col(S.P_C))
     g.mul_(log_q.exp_())
     g.addcmul_(log_p.exp_(), col(S.W_F), value=-1.0)
     return g.mul_(coef[:, None])

@@ -93,17 +93,22 @@ def row_groups(zs, zt):
         yield (~finite).nonzero()[:, 0], False
 
 
-def _log_softmax_parts(z):
-    """(log softmax of z, row max, log of the shifted sum); z is shifted in place.
+def _log_softmax_parts(z, with_probs=False):
+    """(log softmax of z, row max, log of the shifted sum, softmax of z or None); z is shifted
+    in place.
 
     The max is taken as 0 for rows without a finite maximum (all -inf: degenerate; +inf:
-    poisoned), so no -inf - -inf arises here.
+    poisoned), so no -inf - -inf arises here. ``with_probs`` keeps the sum's exponentials
+    and divides them by the sum: the softmax at one division per entry, not an exponential.
     """
     m = z.amax(dim=1, keepdim=True)
     m = torch.where(torch.isfinite(m), m, 0.0)
     shifted = z.sub_(m)
-    logz = log_sum_exp(shifted)
-    return shifted.sub_(logz[:, None]), m[:, 0], logz
+    exps = shifted.exp()
+    total = row_sum(exps)
+    logz = total.log()
+    probs = exps.div_(total[:, None]) if with_probs else None
+    return shifted.sub_(logz[:, None]), m[:, 0], logz, probs
 
 
 def contributing_positions(zs, zt):
@@ -146,11 +151,12 @@ class Sum(enum.IntEnum):
 N_SUMS = len(Sum)
 
 
-def row_sums(log_p, log_q, contributing, head_of, cfg, *, totals):
+def row_sums(log_p, log_q, contributing, head_of, cfg, *, totals, p=None):
     """The ``Sum`` columns ``cfg``'s divergence needs, per row of a block: ``contributing``
     is C (None: every position), ``head_of(p)`` AKL's head mask; ``totals`` asks for P_ALL and
     Q_ALL even where every position contributes (a shard's rows need them: another shard may
-    hold -inf positions). Consumes log_p."""
+    hold -inf positions); ``p`` the teacher's softmax where the caller has it
+    (``teacher_probs_kept``). Consumes log_p."""
     if cfg.kind in POINTWISE:
         f, e = pointwise.row_terms(cfg.kind, log_p, log_q, cfg.param, contributing)
         sums = {Sum.F: row_sum(f), Sum.H_SUM: row_sum(e)}
@@ -158,12 +164,13 @@ def row_sums(log_p, log_q, contributing, head_of, cfg, *, totals):
             sums.update(zip((Sum.Q_ABOVE, Sum.Q_BELOW, Sum.Q_REST),
                             pointwise.tvd_masses(log_p, log_q, contributing), strict=True))
         return sums
-    # log q, log p and the log-ratio are formed per element exactly as backward forms them,
+    # log q, log p, q and the log-ratio are formed per element exactly as backward forms them,
     # so terms that cancel there (RKL against q (log q - log p), a one-hot student) cancel to
     # the last bit. FKL alone needs p, RKL alone q; the masks, totals and AKL's split both.
     with_fkl, with_rkl = cfg.kind != "rkl", cfg.kind != "fkl"
     both = contributing is not None or totals or cfg.needs_head_split
-    p = log_p.exp() if with_fkl or both else None
+    if p is None and (with_fkl or both):
+        p = log_p.exp()
     q = log_q.exp() if with_rkl or both else None
     if contributing is None:
         log_ratio = log_p.sub_(log_q)  # log p - log q
@@ -239,15 +246,23 @@ def cross_entropy(s1, labels):
     return (m1 - target) + logz1, m1, logz1
 
 
+def teacher_probs_kept(cfg, finite):
+    """Whether forward may take the teacher's p from its log-sum-exp's exponentials (a division
+    per entry instead of an exponential): where the gradient does not use the FKL it sums
+    (dFKL = q P_C - p), so a last-bit difference from backward's exp(log p) cancels nothing.
+    (AKL's split keeps exp(log p): the values the Triton radix search reproduces bit for bit.)"""
+    return finite and cfg.kind in ("fkl", "mixed_kl")
+
+
 def group_results(zs, zt, head_of, finite, cfg):
     """A row group's (loss rows, statistics columns by RowStat, AKL split or None), its
     broken rows' loss and gradient columns NaN; ``head_of(p)``: AKL's head mask given the
     teacher's p. Consumes zs and zt."""
     contributing = None if finite else contributing_positions(zs, zt)
     poisoned = None if finite else poisoned_rows(zs) | poisoned_rows(zt)
-    log_q, m_s, logz_s = _log_softmax_parts(zs)
-    log_p, m_t, logz_t = _log_softmax_parts(zt)
-    sums = row_sums(log_p, log_q, contributing, head_of, cfg, totals=False)
+    log_q, m_s, logz_s, _ = _log_softmax_parts(zs)
+    log_p, m_t, logz_t, p = _log_softmax_parts(zt, with_probs=teacher_probs_kept(cfg, finite))
+    sums = row_sums(log_p, log_q, contributing, head_of, cfg, totals=False, p=p)
     loss_rows, columns, head = combine_sums(sums, cfg)
     columns.update({S.M_S: m_s, S.LOGZ_S: logz_s, S.M_T: m_t, S.LOGZ_T: logz_t})
     broken = None if finite else broken_rows(poisoned, logz_s, logz_t)

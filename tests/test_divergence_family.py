@@ -101,7 +101,10 @@ def test_identical_models_give_zero(rng, backend, case):
     loss, grad = backend_grad(_loss_fn(fn, name, value), teacher, teacher, backend=backend,
                               reduction="none")
     assert loss.abs().max() < 1e-6
-    assert grad.abs().max() < 1e-7
+    # Zero up to float32 rounding of terms as large as the top probability: a peaked row's
+    # (p = 0.81) skew FKL gradient is -0.7325 + 0.8139 * 0.9, two ulps of 0.73 = 1.2e-7 apart
+    # (seed 239 of 3000 in the torch backend; 10 of them went over 1e-7).
+    assert grad.abs().max() < 1e-6
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

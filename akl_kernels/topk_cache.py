@@ -58,7 +58,7 @@ def topk_cache_bytes_per_token(k: int, logprobs_dtype: str = "float32") -> int:
     """Bytes the three KD columns take per token: ``k`` int32 token ids, ``k`` log-probabilities
     (4 bytes each, 2 for float16) and ``k`` int8 mask entries. The input columns (e.g.
     ``input_ids``) come on top, and Arrow adds 4 bytes of offsets per sequence and column."""
-    _check_positive_int("k", k)
+    checks.check_positive_int("k", k)
     _check_logprobs_dtype(logprobs_dtype)
     return k * (4 + LOGPROBS_DTYPES[logprobs_dtype] + 1)
 
@@ -95,10 +95,10 @@ def write_topk_cache(teacher, dataset, path, *, k: int, temperature: float = 1.0
         raise TypeError(f"teacher must be callable (a causal LM), got {type(teacher).__name__}")
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
-    _check_positive_int("k", k)
+    checks.check_positive_int("k", k)
     checks.check_temperature(temperature)
-    _check_positive_int("batch_size", batch_size)
-    _check_positive_int("shard_tokens", shard_tokens)
+    checks.check_positive_int("batch_size", batch_size)
+    checks.check_positive_int("shard_tokens", shard_tokens)
     _check_logprobs_dtype(logprobs_dtype)
     if not isinstance(input_column, str):
         raise TypeError(f"input_column must be a str, got {type(input_column).__name__}")
@@ -163,13 +163,6 @@ def load_topk_cache(path) -> datasets.Dataset:
                          f" of {len(manifest['settings']['shards'])} shards); run "
                          "write_topk_cache again with the same arguments to finish it")
     return datasets.load_from_disk(os.fspath(path))
-
-
-def _check_positive_int(name, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
 
 
 def _check_logprobs_dtype(logprobs_dtype) -> None:

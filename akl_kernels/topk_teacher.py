@@ -81,8 +81,10 @@ def topk_teacher(teacher_logits: torch.Tensor, k: int, temperature: float = 1.0,
     checks.check_temperature(temperature)
     checks.check_tail(tail)
     vocab = teacher_logits.shape[-1]
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= vocab:
+    checks.check_positive_int("k", k)
+    if k > vocab:
         raise ValueError(f"k must be an int in [1, V = {vocab}], got {k!r}")
+    checks.check_positive_int("rows_per_chunk", rows_per_chunk, optional=True)
     rows = teacher_logits.reshape(-1, vocab)
     dtype = torch.float64 if rows.dtype == torch.float64 else torch.float32
     if rows_per_chunk is None:

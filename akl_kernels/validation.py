@@ -13,7 +13,7 @@ import os
 
 import torch
 
-from akl_kernels.topk_teacher import TopKTeacher
+from akl_kernels.topk_teacher import LOGPROB_SLACK, MASS_SLACK, TAILS, TopKTeacher
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 REDUCTIONS = ("mean", "sum", "none")
@@ -83,9 +83,9 @@ def check_temperature(temperature) -> None:
 
 
 def check_tail(tail) -> None:
-    from akl_kernels.topk_teacher import TAILS
-
-    if not isinstance(tail, str) or tail not in TAILS:
+    if not isinstance(tail, str):
+        raise TypeError(f"tail must be a str, one of {TAILS}, got {type(tail).__name__}")
+    if tail not in TAILS:
         raise ValueError(f"tail must be one of {TAILS}, got {tail!r}")
 
 
@@ -125,8 +125,6 @@ def check_topk_values(indices, logprobs, vocab) -> None:
     entry is not padding, log-probabilities <= 0 and a mass <= 1 (both up to rounding).
 
     One host sync, so it runs only with ``check_values=True``."""
-    from akl_kernels.topk_teacher import LOGPROB_SLACK, MASS_SLACK
-
     present = logprobs != float("-inf")
     bad = present & ((indices < 0) | (indices >= vocab))
     sorted_idx = torch.where(present, indices, -1 - torch.arange(
@@ -339,11 +337,16 @@ def check_strategy(strategy) -> None:
         raise ValueError(f"strategy must be one of {FUSED_LINEAR_STRATEGIES}, got {strategy!r}")
 
 
-def check_chunk_size(chunk_size) -> None:
-    if chunk_size is None:
+def check_positive_int(name, value, *, optional=False) -> None:
+    """``value`` an int >= 1 (or None where ``optional``)."""
+    if optional and value is None:
         return
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral):
-        raise TypeError(f"chunk_size must be a positive int or None, got "
-                        f"{type(chunk_size).__name__}")
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        expected = "a positive int or None" if optional else "a positive int"
+        raise TypeError(f"{name} must be {expected}, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+
+
+def check_chunk_size(chunk_size) -> None:
+    check_positive_int("chunk_size", chunk_size, optional=True)

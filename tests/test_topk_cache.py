@@ -343,7 +343,7 @@ def test_collator_reads_an_axolotl_dataset(tmp_path):
 
 @pytest.mark.parametrize("options, error, message", [
     (dict(k=0), ValueError, "k must be >= 1"),
-    (dict(k=2.0), TypeError, "k must be an int"),
+    (dict(k=2.0), TypeError, "k must be a positive int"),
     (dict(batch_size=0), ValueError, "batch_size must be >= 1"),
     (dict(shard_tokens=0), ValueError, "shard_tokens must be >= 1"),
     (dict(temperature=0.0), ValueError, "temperature must be finite and > 0"),

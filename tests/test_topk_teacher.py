@@ -422,6 +422,14 @@ def test_topk_teacher_arguments_are_checked(rng):
         topk_teacher(logits(rng, (2, 10)), 3, tail="none")
     with pytest.raises(ValueError, match="temperature"):
         topk_teacher(logits(rng, (2, 10)), 3, temperature=0.0)
+    with pytest.raises(TypeError, match="tail must be a str"):
+        topk_teacher(logits(rng, (2, 10)), 3, tail=None)
+    with pytest.raises(TypeError, match="k must be a positive int"):
+        topk_teacher(logits(rng, (2, 10)), 3.0)
+    # A chunk size that would leave the outputs unwritten (an empty range) is refused.
+    for rows_per_chunk, error in ((0, ValueError), (-1, ValueError), (2.5, TypeError)):
+        with pytest.raises(error, match="rows_per_chunk must be"):
+            topk_teacher(logits(rng, (2, 10)), 3, rows_per_chunk=rows_per_chunk)
 
 
 @pytest.fixture

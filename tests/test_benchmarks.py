@@ -188,3 +188,15 @@ def test_vocab_parallel_benchmark_counts_the_documented_rounds(tmp_path):
     assert record["single_process_ms"]["akl"] > 0
     assert record["ranks"]["2"]["akl-float32"]["ms"] > 0
     assert "| akl | float32 | 2 | 7 | 0 |" in (tmp_path / "vocab_parallel.md").read_text()
+
+
+def test_vocab_parallel_benchmark_slices_cover_the_vocabulary_evenly():
+    from benchmarks.vocab_parallel import slice_bounds
+
+    for world in range(1, 6):
+        for vocab in range(world, 40):
+            bounds = [slice_bounds(vocab, world, rank) for rank in range(world)]
+            assert bounds[0][0] == 0 and bounds[-1][1] == vocab
+            assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
+            widths = [hi - lo for lo, hi in bounds]
+            assert min(widths) >= 1 and max(widths) - min(widths) <= 1, (vocab, world, widths)

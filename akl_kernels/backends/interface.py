@@ -7,7 +7,8 @@ a backend by name.
 - ``"auto"``: Triton for CUDA tensors (float64 excepted), the torch backend otherwise.
 
 Both compute a loss in two steps with the same structure: ``forward`` gives each row's loss and
-statistics, ``backward`` the gradient from those statistics, elementwise. The custom operators
+statistics, ``backward`` the gradient from those statistics, elementwise (``topk_forward`` and
+``topk_backward`` the same for a sparse teacher). The custom operators
 of ``akl_kernels/divergence_op.py`` and ``akl_kernels/fused_linear_op.py`` call them.
 """
 
@@ -42,6 +43,26 @@ class Backend(Protocol):
         block's start: a label outside the block has no one-hot entry). ``out`` (contiguous,
         of the gradient's shape and dtype) receives it, and may be the student's rows
         themselves when they are not needed after (the fused linear tiles)."""
+
+    def topk_forward(self, student: torch.Tensor, indices: torch.Tensor,
+                     logprobs: torch.Tensor, valid: torch.Tensor, cfg: LossConfig, *,
+                     labels: torch.Tensor | None = None,
+                     head_stats: bool = False) -> RowResult:
+        """``forward`` for a sparse teacher (docs/contract.md §6): [N, k] vocabulary
+        ``indices`` (int64) and their ``logprobs``, -inf marking padding; ``cfg.tail``
+        chooses the rest bucket or renormalisation."""
+
+    def topk_backward(self, student: torch.Tensor, indices: torch.Tensor,
+                      logprobs: torch.Tensor, row_stats: torch.Tensor, coef: torch.Tensor,
+                      cfg: LossConfig, *, labels: torch.Tensor | None = None,
+                      grad_dtype: torch.dtype | None = None,
+                      category_grad: torch.Tensor | None = None,
+                      column_offset: int = 0) -> torch.Tensor:
+        """``backward`` for a sparse teacher. With ``category_grad`` (the loss's gradient
+        with respect to the k + 1 categories' logits for a unit ``grad_output``:
+        ``backends/torch/topk.py: unit_category_gradient``) the rows may be the block of the
+        vocabulary's columns from ``column_offset`` on (labels shifted by it), as the fused
+        linear losses sweep them."""
 
 
 _MODULES = {"torch": "akl_kernels.backends.torch", "triton": "akl_kernels.backends.triton"}

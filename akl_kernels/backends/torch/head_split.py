@@ -67,24 +67,31 @@ class Threshold(NamedTuple):
     masses: torch.Tensor  # and their masses
 
 
-def threshold_key(keys, masses, thr, plan, reduce_histogram=None) -> Threshold:
+def chosen_prefix(chosen, digit, width):
+    """The value of ``key* >> shift`` once a pass has chosen ``digit`` (``chosen`` the value
+    before it, None at the top digit, which carries the sign: its bins start at the most
+    negative value)."""
+    if chosen is None:
+        return digit - (1 << width) // 2
+    return (chosen << width) | digit
+
+
+def threshold_key(keys, masses, thr, plan) -> Threshold:
     """Per row of [R, K] ``keys`` and float64 integer ``masses``: the key ``v*`` of the token
     whose cumulative mass (from the largest values down) first exceeds ``thr``, the mass of
     the keys above it, and where the tokens keyed v* are.
 
     The first digit's pass reads the whole block; each later one only the tokens still in the
     running (those whose higher digits equal the ones chosen): the same histograms for less
-    work. ``reduce_histogram`` (in place on each pass's [R, bins] histogram) is how several
-    holders of parts of a row combine them, e.g. an all-reduce over vocabulary shards.
+    work. (Vocabulary shards run the same passes with each histogram all-reduced:
+    ``backends/torch/vocab_parallel.py``.)
     """
     n_rows = keys.shape[0]
     above = torch.zeros(n_rows, dtype=torch.float64, device=keys.device)
     (shift, width), *rest = plan
     hist = top_digit_histogram(keys, masses, shift, width)
-    if reduce_histogram is not None:
-        reduce_histogram(hist)
     digit, above = crossing_digit(hist, above, thr)
-    chosen = digit - (1 << width) // 2  # the signed value of key* >> shift
+    chosen = chosen_prefix(None, digit, width)
     vocab = keys.shape[1]
     flat = ((keys >> shift) == chosen.to(keys.dtype)[:, None]).view(-1).nonzero()[:, 0]
     rows, columns = flat // vocab, flat % vocab
@@ -92,10 +99,8 @@ def threshold_key(keys, masses, thr, plan, reduce_histogram=None) -> Threshold:
     cand_masses = masses.view(-1).index_select(0, flat)
     for shift, width in rest:
         hist = digit_histogram(rows, cand_keys, cand_masses, shift, width, n_rows)
-        if reduce_histogram is not None:
-            reduce_histogram(hist)
         digit, above = crossing_digit(hist, above, thr)
-        chosen = (chosen << width) | digit
+        chosen = chosen_prefix(chosen, digit, width)
         keep = ((cand_keys >> shift) == chosen[rows]).nonzero()[:, 0]
         rows, columns = rows[keep], columns[keep]
         cand_keys, cand_masses = cand_keys[keep], cand_masses[keep]
@@ -113,6 +118,18 @@ def mass_threshold(total: torch.Tensor, mu: float) -> torch.Tensor:
     return torch.minimum((total * mu).floor(), total - 1)
 
 
+def head_threshold(masses, mu, total):
+    """(thr, everything) per row of float64 integer ``masses``: the head's mass threshold,
+    below the row's mass so that a crossing token exists, and the rows that are head entirely
+    (``total``, the whole mass where ``masses`` holds only part of it: a sparse teacher's k
+    tokens, whose rest is always tail, with no more than ``mu`` of it)."""
+    held = masses.sum(dim=1)
+    if total is None:
+        return mass_threshold(held, mu), torch.zeros_like(held, dtype=torch.bool)
+    thr = (total * mu).floor()
+    return torch.minimum(thr, held - 1), held <= thr
+
+
 def tied_head_size(thr, above, tied_mass, ties, include_crossing):
     """How many of a row's ``ties`` tokens at v* (``tied_mass`` their mass together) are head,
     the first in index order: every token at v* has the same mass w*, and the i-th (from 1)
@@ -125,23 +142,13 @@ def tied_head_size(thr, above, tied_mass, ties, include_crossing):
 def head_mask(teacher: torch.Tensor, p: torch.Tensor, mu: float, include_crossing: bool,
               total: torch.Tensor | None = None):
     """Boolean head mask of a block of rows: ``teacher`` the logits in their own dtype,
-    ``p`` their probabilities at the loss's temperature.
-
-    ``total`` (float64 integer masses per row) is the row's whole mass when ``p`` covers only
-    part of it (a sparse teacher's k tokens, whose rest is always tail): rows whose tokens hold
-    no more than ``mu`` of it are head entirely."""
+    ``p`` their probabilities at the loss's temperature; ``total`` as for ``head_threshold``
+    (the sparse teachers' split is ``head_mask_by_sort``; tests check the two agree)."""
     if mu >= 1.0:  # c_k <= 1 for every k: the whole vocabulary is head
         return torch.ones_like(p, dtype=torch.bool)
     keys = order_keys(teacher)
     masses = integer_masses(p)
-    held = masses.sum(dim=1)
-    everything = torch.zeros_like(held, dtype=torch.bool)
-    if total is None:
-        thr = mass_threshold(held, mu)
-    else:
-        thr = (total * mu).floor()
-        everything = held <= thr
-        thr = torch.minimum(thr, held - 1)
+    thr, everything = head_threshold(masses, mu, total)
     star = threshold_key(keys, masses, thr, digit_plan(key_bits(teacher.dtype)))
     head = keys > star.key.to(keys.dtype)[:, None]
     n_rows = keys.shape[0]
@@ -166,12 +173,7 @@ def head_mask_by_sort(teacher: torch.Tensor, p: torch.Tensor, mu: float,
         return torch.ones_like(p, dtype=torch.bool)
     keys = order_keys(teacher)
     masses = integer_masses(p)
-    held = masses.sum(dim=1)
-    if total is None:
-        thr, everything = mass_threshold(held, mu), torch.zeros_like(held, dtype=torch.bool)
-    else:
-        thr = (total * mu).floor()
-        everything = held <= thr
+    thr, everything = head_threshold(masses, mu, total)
     order = torch.sort(keys, dim=1, descending=True, stable=True).indices
     cumulative = masses.gather(1, order).cumsum(dim=1)
     if include_crossing:

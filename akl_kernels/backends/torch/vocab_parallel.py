@@ -155,7 +155,7 @@ class _SlicedHead:
             if thr is None:  # the first histogram holds every token: the rows' whole mass
                 thr = head_split.mass_threshold(hist.sum(dim=1), cfg.mu)
             digit, above = head_split.crossing_digit(hist, above, thr)
-            chosen = digit - (1 << bits) // 2 if chosen is None else (chosen << bits) | digit
+            chosen = head_split.chosen_prefix(chosen, digit, bits)
         # The tokens at v*: this rank's count per row, every rank's by the tie round.
         rank = torch.distributed.get_rank(group)
         ties = torch.zeros(n_rows, torch.distributed.get_world_size(group),

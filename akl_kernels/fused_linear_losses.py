@@ -88,8 +88,9 @@ def fused_linear_loss(student_hidden, student_weight, labels=None, *, divergence
 
     ``strategy`` (docs/fused_linear.md): "forward_gradient" forms the gradients in the
     forward pass from tiles of whole rows (4 GEMMs, as many as the unfused path; the weight's
-    gradient accumulated in float32, which costs a float32 ``V x H`` buffer when the weight is
-    bf16/fp16); "recompute" computes the logits again per vocabulary block in backward
+    gradient accumulated to float32 accuracy: a float32 sum for a float32 weight, a compensated
+    pair in the weight's dtype for bf16/fp16, the bytes of one float32 ``V x H`` buffer);
+    "recompute" computes the logits again per vocabulary block in backward
     (6 GEMMs, no ``V x H`` buffer beyond the gradient: the leanest memory). "auto" (default)
     is "forward_gradient", except with ``reduction="none"`` (a gradient per row, not known in
     forward) or without a differentiable input (no gradient work at all in forward).

@@ -1,4 +1,4 @@
-"""``python -m benchmarks``: the same as the ``akl-bench`` command."""
+"""``python -m benchmarks`` (``./run.sh bench``): the benchmark report (``benchmarks/cli.py``)."""
 
 import sys
 

@@ -322,7 +322,7 @@ def parse_args(argv):
     parser.add_argument("--no-plot", action="store_true",
                         help="write the tables only (no matplotlib needed)")
     parser.add_argument("--out", type=Path, default=None,
-                        help="output folder (default benchmarks/results/<device>)")
+                        help="output folder (default benchmarks/results/local/<device>)")
     args = parser.parse_args(argv)
     if args.quick:
         for key, value in QUICK[args.device].items():

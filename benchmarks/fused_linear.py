@@ -207,7 +207,7 @@ def main(argv=None):
     if args.shape:
         n, hidden, vocab = args.shape
     dtype = args.dtype or dtype
-    out = Path(args.out or f"benchmarks/results/{device}-fused-linear")
+    out = Path(args.out or f"benchmarks/results/local/{device}-fused-linear")
     out.mkdir(parents=True, exist_ok=True)
     meta = device_meta(device)
     records = []

@@ -148,7 +148,8 @@ def main(argv=None):
     parser.add_argument("--time-ranks", type=int, nargs="*", default=[2],
                         help="the P whose wall time is measured (the others: collectives only)")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/cpu-vocab-parallel"))
+    parser.add_argument("--out", type=Path,
+                        default=Path("benchmarks/results/local/cpu-vocab-parallel"))
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     meta = device_meta("cpu")

@@ -1,5 +1,5 @@
-"""The examples run end to end (seconds-long smoke configurations of distill_tiny and
-distill_offline)."""
+"""The examples run end to end in seconds-long smoke configurations: distill_tiny,
+distill_offline, vocab_parallel under torchrun and trl_gkd --quick."""
 
 from __future__ import annotations
 

@@ -38,7 +38,7 @@ DEFAULT_WORKING_SET_MB = 128
 # 1.22x, JSD 1.10-1.19x faster, both dtypes; AKL's split took 2.1-2.4 s at 32, 2.3-2.9 s at 16.
 CPU_WORKING_SET_MB = 32.0
 # Live [rows, V] temporaries per chunk in units of the compute dtype; AKL's matches the peak
-# measured by akl-bench (639 MiB = 500 MiB gradient + ~140 MiB at 128 MiB).
+# measured by the benchmark CLI (``python -m benchmarks``: 639 MiB = 500 MiB gradient + ~140 MiB at 128 MiB).
 _LIVE_TEMPORARIES = {"fkl": 10, "rkl": 10, "mixed_kl": 10, "akl": 18,
                      **dict.fromkeys(POINTWISE, 16),
                      # A sparse teacher's sweeps (backends/torch/topk.py): the student's chunk

@@ -7,8 +7,9 @@ through the second (``register_autograd``), and both have fake implementations, 
 (docs/contract.md §8). The non-tensor options travel as one ``LossConfig``; the operators'
 schemas take its fields in order (``config.schema_arguments``).
 
-Checks that need the values of a tensor (the label range of the fused cross-entropy) run inside
-``divergence_rows`` with ``check_values=True`` only: with False no host synchronisation happens,
+Checks that need the values of a tensor (the label range of the fused cross-entropy, a sparse
+teacher's indices and log-probabilities) run inside ``divergence_rows`` with
+``check_values=True`` only: with False no host synchronisation happens,
 so a Triton loss call can be captured in a CUDA graph.
 """
 

@@ -195,7 +195,7 @@ def akl_loss(student_logits, teacher_logits, labels=None, *, mu=0.5, include_cro
     differentiation. Logits are divided by ``temperature``; no ``T**2`` factor is applied.
     Returns float32 (float64 for float64 inputs); ``reduction`` is "mean" over rows whose label
     differs from ``ignore_index``, "sum", or "none" (leading shape, 0 at ignored rows).
-    ``check_values`` is accepted by every loss; here no check needs the values.
+    ``check_values``: as ``divergence_loss`` (a sparse teacher's values are checked).
     ``process_group``: vocabulary slices, as ``divergence_loss``.
     """
     return divergence_loss(student_logits, teacher_logits, labels, divergence="akl", mu=mu,

@@ -75,7 +75,7 @@ class HeadTailStats(NamedTuple):
 
 class RowResult(NamedTuple):
     loss: torch.Tensor  # [N], 0 at ignored rows
-    row_stats: torch.Tensor  # [N, N_ROW_STATS]
+    row_stats: torch.Tensor  # [N, N_ROW_STATS] (a sparse teacher's: its own columns)
     head: HeadTailStats | None = None  # [N] each, when asked for (AKL only)
     parts: torch.Tensor | None = None  # [N, 2]: (divergence, cross-entropy) with the CE
 

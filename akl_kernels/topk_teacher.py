@@ -7,7 +7,8 @@ its index is ignored. ``tail`` says what happens to the mass outside the k token
 
 - ``"bucket"``: both models get one more category, "rest", holding their mass outside the k
   tokens (the teacher's ``1 - sum_k p``, clamped at 0; the student's summed outside the k
-  tokens, not taken as a difference);
+  tokens by the torch backend, and by the Triton backend as its exponential sum less the k
+  tokens' in float64, which keeps the float32 sum's accuracy: backends/triton/topk.py);
 - ``"renormalize"``: both distributions are restricted to the k tokens and renormalised there.
 """
 

@@ -4,8 +4,8 @@
 
 Benchmarks are grouped by loss, pass (fwd or fwd+bwd) and inputs, so each group's table
 compares the implementations side by side. Shapes default per device; AKL_BENCH_SHAPES
-("NxV,NxV") overrides them. Peak memory is the benchmark CLI's job (``python -m benchmarks``, a fresh process per
-case on CPU); on CUDA the allocator's peak is recorded here as extra_info too.
+("NxV,NxV") overrides them. Peak memory is the benchmark CLI's job (``python -m benchmarks``,
+a fresh process per case on CPU); on CUDA the allocator's peak is recorded here as extra_info too.
 """
 
 import os

@@ -6,8 +6,8 @@
 A GPT-2-style student and teacher are built from configs (a small body under a 32000-token
 vocabulary, so the loss is a real share of a step, as it is for LLMs) with a word-level
 tokenizer made here; the data are random token sequences with a prompt part (labels -100).
-Each case trains 6 off-policy steps (3 with ``--quick``) (``lmbda = 0``: generation would cost every case
-the same) in a fresh process, so that its peak resident memory is its own:
+Each case trains 6 off-policy steps, 3 with ``--quick`` (``lmbda = 0``: generation would cost
+every case the same), in a fresh process, so that its peak resident memory is its own:
 
 - ``stock``: ``trl.experimental.gkd.GKDTrainer``, generalized JSD (beta 0.5);
 - ``jsd``: ``akl_kernels.integrations.trl.GKDTrainer``, the same loss;

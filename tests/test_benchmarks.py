@@ -1,5 +1,6 @@
 """The benchmark suite runs here and compares like with like (no timing is asserted)."""
 
+import itertools
 import json
 import os
 import subprocess
@@ -197,6 +198,6 @@ def test_vocab_parallel_benchmark_slices_cover_the_vocabulary_evenly():
         for vocab in range(world, 40):
             bounds = [slice_bounds(vocab, world, rank) for rank in range(world)]
             assert bounds[0][0] == 0 and bounds[-1][1] == vocab
-            assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
+            assert all(a[1] == b[0] for a, b in itertools.pairwise(bounds))
             widths = [hi - lo for lo, hi in bounds]
             assert min(widths) >= 1 and max(widths) - min(widths) <= 1, (vocab, world, widths)

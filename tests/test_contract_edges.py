@@ -188,7 +188,7 @@ def test_torch_backend_rows_are_bitwise_independent_of_the_working_set(rng, monk
     for rows_per_chunk in (1, 3, n):
         monkeypatch.setenv("AKL_TORCH_WORKING_SET_MB", str(one_row_mib * rows_per_chunk * 1.01))
         if rows_per_chunk == 1:
-            assert chunked.chunk_rows(vocab, compute_dtype, divergence) == 1
+            assert chunked.chunk_rows(vocab, compute_dtype, chunked.sweep_of(divergence)) == 1
         results.append(_rows_and_grads(divergence, student, teacher, labels, distill))
     alone = [_rows_and_grads(divergence, student[r:r + 1], teacher[r:r + 1], labels[r:r + 1],
                              distill) for r in (0, n - 1)]

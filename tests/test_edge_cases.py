@@ -195,7 +195,7 @@ def test_torch_backend_chunking_is_exact(rng, kind, monkeypatch):
     monkeypatch.setenv("AKL_TORCH_WORKING_SET_MB", "0.2")  # forces chunks of one or two rows
     from akl_kernels.backends.torch import chunked
 
-    assert chunked.chunk_rows(2000, torch.float32, kind) <= 2
+    assert chunked.chunk_rows(2000, torch.float32, chunked.sweep_of(kind)) <= 2
     chunked_result = backend_grad(LOSSES[kind], student, teacher, backend="torch",
                                   reduction="none")
     assert torch.allclose(whole[0], chunked_result[0], rtol=1e-6, atol=1e-7)

@@ -136,6 +136,15 @@ def test_no_scored_position_reports_no_head_weight(rng):
     assert out.loss.item() == 0.0 and out.head_weight is None
 
 
+def test_causal_lm_loss_names_a_missing_or_integer_argument(rng):
+    s = torch.randn(2, 5, 30, generator=rng)
+    labels = torch.zeros(2, 5, dtype=torch.long)
+    with pytest.raises(TypeError, match="teacher_logits"):
+        causal_lm_distillation_loss(s, None, labels)
+    with pytest.raises(TypeError, match="student_logits"):
+        causal_lm_distillation_loss(s.long(), s, labels)
+
+
 def test_compiled_student(tmp_path, rng):
     student, teacher = _gpt2(1, 64), _gpt2(1, 64, seed=1)
     student.compile(backend="aot_eager")  # torch.compile in place; no C++ toolchain needed

@@ -83,6 +83,10 @@ def causal_lm_distillation_loss(student_logits, teacher_logits, labels, *, diver
     only one model has take no part in it). ``teacher_logits`` may be a ``TopKTeacher``
     aligned with the logits (row i: the teacher's distribution of token i + 1); its indices
     are the student's token ids."""
+    # The vocabularies are compared before distillation_loss checks the rest.
+    checks.check_float_tensor("student_logits", student_logits)
+    if not isinstance(teacher_logits, TopKTeacher):
+        checks.check_float_tensor("teacher_logits", teacher_logits)
     teacher_vocab = (student_logits.shape[-1] if isinstance(teacher_logits, TopKTeacher)
                      else teacher_logits.shape[-1])
     vocab = shared_vocabulary(student_logits.shape[-1], teacher_vocab, warn_once)

@@ -84,12 +84,13 @@ class _LibraryLoss:
         self.divergence, self.options = divergence, options
         self.fused_linear, self.backend = fused_linear, backend
 
-    def __call__(self, student, teacher, labels, *, temperature, num_items_in_batch,
+    def __call__(self, student, second, labels, *, temperature, num_items_in_batch,
                  beta=None, **fused):
         """TRL's reduction of the divergence: ``sum / num_items_in_batch`` when given, else the
         mean over the scored tokens. ``beta``: TRL's value at this call (the JSD's).
-        ``fused`` (``teacher_hidden``, ``teacher_weight``, biases) means ``student`` is hidden
-        states and ``teacher`` the student's weight."""
+        ``student`` and ``second`` are the two models' logits, or with ``fused``
+        (``teacher_hidden``, ``teacher_weight``, biases) the student's hidden states and
+        weight."""
         reduction = "mean" if num_items_in_batch is None else "sum"
         options = dict(self.options)
         if beta is not None and self.divergence == "jsd":
@@ -97,9 +98,9 @@ class _LibraryLoss:
         options = dict(divergence=self.divergence, temperature=temperature,
                        reduction=reduction, backend=self.backend, **options)
         if fused:
-            loss = fused_linear_loss(student, teacher, labels, **fused, **options)
+            loss = fused_linear_loss(student, second, labels, **fused, **options)
         else:
-            loss = divergence_loss(student, teacher, labels, **options)
+            loss = divergence_loss(student, second, labels, **options)
         if num_items_in_batch is not None:
             loss = loss / torch.as_tensor(num_items_in_batch, device=loss.device)
         return loss

@@ -37,13 +37,12 @@ DEFAULT_WORKING_SET_MB = 128
 # (N 4096, V 32000, forward + backward timed alternately in one process): FKL 1.31-1.33x, RKL
 # 1.22x, JSD 1.10-1.19x faster, both dtypes; AKL's split took 2.1-2.4 s at 32, 2.3-2.9 s at 16.
 CPU_WORKING_SET_MB = 32.0
-# Live [rows, V] temporaries per chunk in units of the compute dtype; AKL's matches the peak
-# measured by the benchmark CLI (``python -m benchmarks``: 639 MiB = 500 MiB gradient + ~140 MiB at 128 MiB).
-_LIVE_TEMPORARIES = {"fkl": 10, "rkl": 10, "mixed_kl": 10, "akl": 18,
-                     **dict.fromkeys(POINTWISE, 16),
-                     # A sparse teacher's sweeps (backends/torch/topk.py): the student's chunk
-                     # and one temporary (the cross-entropy's copy).
-                     "topk": 3}
+# Live [rows, V] temporaries per chunk of each kind of sweep, in units of the compute dtype:
+# the KL family's forward and backward, AKL's forward with its head split (matching the peak
+# the benchmark CLI measured: 639 MiB = 500 MiB gradient + ~140 MiB at 128 MiB), the pointwise
+# family's, and a sparse teacher's (backends/torch/topk.py: the student's chunk and one
+# temporary, the cross-entropy's copy).
+_LIVE_TEMPORARIES = {"kl": 10, "head_split": 18, "pointwise": 16, "topk": 3}
 # The columns of a row whose divergence is NaN that its gradient reads: NaN there makes the
 # gradient row NaN too, for every divergence (loss and gradient agree about a row).
 _DIVERGENCE_GRADIENT_COLUMNS = (S.RKL, S.H_SUM, S.Q_ABOVE, S.Q_BELOW, S.Q_REST)
@@ -54,12 +53,20 @@ def working_set_bytes(device_type: str = "cuda") -> int:
     return int(environment_megabytes("AKL_TORCH_WORKING_SET_MB", default) * 2**20)
 
 
-def chunk_rows(vocab: int, dtype: torch.dtype, kind: str, device_type: str = "cuda") -> int:
-    """Rows per chunk of a chunk loop; on CPU, first makes glibc keep the loop's freed
-    temporaries for reuse (``cpu_heap``)."""
+def sweep_of(kind: str, *, backward: bool = False) -> str:
+    """The kind of chunk loop (a key of ``_LIVE_TEMPORARIES``) that divergence ``kind``'s
+    forward or backward pass runs (AKL's backward is the KL family's: no split)."""
+    if kind in POINTWISE:
+        return "pointwise"
+    return "head_split" if kind == "akl" and not backward else "kl"
+
+
+def chunk_rows(vocab: int, dtype: torch.dtype, sweep: str, device_type: str = "cuda") -> int:
+    """Rows per chunk of a chunk loop of kind ``sweep`` (``sweep_of``, or "topk"); on CPU,
+    first makes glibc keep the loop's freed temporaries for reuse (``cpu_heap``)."""
     if device_type == "cpu":
         cpu_heap.keep_freed_chunks_resident()
-    per_row = vocab * torch.finfo(dtype).bits // 8 * _LIVE_TEMPORARIES[kind]
+    per_row = vocab * torch.finfo(dtype).bits // 8 * _LIVE_TEMPORARIES[sweep]
     return max(1, working_set_bytes(device_type) // per_row)
 
 
@@ -312,7 +319,8 @@ def forward(s2d, t2d, valid, cfg, *, labels=None, head_stats=False):
     dtype = loss_dtype(s2d, t2d)
     inv_t = 1.0 / cfg.temperature
     outputs = RowOutputs.empty(n_rows, N_ROW_STATS, dtype, s2d.device, cfg, head_stats)
-    for r0, r1 in chunks(n_rows, chunk_rows(vocab, dtype, cfg.kind, s2d.device.type)):
+    sweep = sweep_of(cfg.kind)
+    for r0, r1 in chunks(n_rows, chunk_rows(vocab, dtype, sweep, s2d.device.type)):
         zs = scaled(s2d[r0:r1], dtype, inv_t)
         zt = scaled(t2d[r0:r1], dtype, inv_t)
         for rows, finite in row_groups(zs, zt):
@@ -320,12 +328,12 @@ def forward(s2d, t2d, valid, cfg, *, labels=None, head_stats=False):
             head_of = lambda p, teacher=teacher: head_split.head_mask(  # noqa: E731
                 teacher, p, cfg.mu, cfg.include_crossing)
             loss_rows, columns, head = group_results(zs[rows], zt[rows], head_of, finite, cfg)
-            out = torch.arange(r0, r1, device=s2d.device)[rows]
+            row_ids = torch.arange(r0, r1, device=s2d.device)[rows]
             ce = None
             if cfg.with_ce:
                 ce, columns[S.M_1], columns[S.LOGZ_1] = cross_entropy(
-                    s2d[r0:r1][rows].to(dtype, copy=True), labels[out])
-            outputs.store(out, valid, loss_rows, columns, head, cfg, ce)
+                    s2d[r0:r1][rows].to(dtype, copy=True), labels[row_ids])
+            outputs.store(row_ids, valid, loss_rows, columns, head, cfg, ce)
     return outputs.result()
 
 
@@ -421,11 +429,11 @@ def backward(s2d, t2d, row_stats, coef, cfg, *, labels=None, grad_dtype=None, ou
     # ``out`` may be s2d itself: each chunk's rows are read (copied) before they are written.
     grad = out if out is not None else torch.empty(
         (n_rows, vocab), dtype=grad_dtype or s2d.dtype, device=s2d.device)
-    kind = cfg.kind if cfg.kind in POINTWISE else "fkl"
+    sweep = sweep_of(cfg.kind, backward=True)
     # A term of weight 0 is not evaluated (its NaN must not reach the gradient).
     with_divergence, with_ce = cfg.divergence_weight != 0, cfg.cross_entropy_weight != 0
     divergence_coef = coef * (cfg.divergence_weight * inv_t)  # d zs / d s = 1/T
-    for r0, r1 in chunks(n_rows, chunk_rows(vocab, dtype, kind, s2d.device.type)):
+    for r0, r1 in chunks(n_rows, chunk_rows(vocab, dtype, sweep, s2d.device.type)):
         zs = scaled(s2d[r0:r1], dtype, inv_t)
         zt = scaled(t2d[r0:r1], dtype, inv_t)
         st, row_coef = row_stats[r0:r1], divergence_coef[r0:r1]
@@ -435,9 +443,10 @@ def backward(s2d, t2d, row_stats, coef, cfg, *, labels=None, grad_dtype=None, ou
             else:
                 g = torch.zeros_like(zs[rows])
             if with_ce:
-                out = torch.arange(r0, r1, device=s2d.device)[rows]
+                row_ids = torch.arange(r0, r1, device=s2d.device)[rows]
                 g = add_cross_entropy_grad(g, s2d[r0:r1][rows].to(dtype, copy=True), st[rows],
-                                            labels[out], coef[out] * cfg.cross_entropy_weight)
+                                            labels[row_ids],
+                                            coef[row_ids] * cfg.cross_entropy_weight)
             if isinstance(rows, slice):
                 grad[r0:r1] = g
             else:

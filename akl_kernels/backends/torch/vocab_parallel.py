@@ -41,10 +41,10 @@ from akl_kernels.backends.torch.chunked import (
     row_groups,
     row_sums,
     scaled,
+    sweep_of,
     with_broken_rows,
 )
 from akl_kernels.backends.torch.reductions import row_sum
-from akl_kernels.config import POINTWISE
 from akl_kernels.radix_split import digit_plan, key_bits
 from akl_kernels.row_results import N_ROW_STATS, loss_dtype
 from akl_kernels.row_results import RowStat as S
@@ -207,8 +207,7 @@ def forward(s2d, t2d, valid, cfg, group, *, labels=None, head_stats=False, check
     n_rows, width = s2d.shape
     dtype = loss_dtype(s2d, t2d)
     inv_t = 1.0 / cfg.temperature
-    kind = "akl" if cfg.needs_head_split else ("jsd" if cfg.kind in POINTWISE else "fkl")
-    rows_per_chunk = chunk_rows(width, dtype, kind, s2d.device.type)
+    rows_per_chunk = chunk_rows(width, dtype, sweep_of(cfg.kind), s2d.device.type)
     norms = _Normalisers(s2d, t2d, group, dtype, inv_t, rows_per_chunk,
                          labels if cfg.with_ce else None)
     if cfg.with_ce and check_values:

@@ -22,14 +22,15 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from akl_kernels.backends.interface import triton_interpreter_enabled
 from akl_kernels.backends.triton import launch
 from akl_kernels.backends.triton.backward import _divergence_grad_kernel
 from akl_kernels.backends.triton.forward import _divergence_forward_kernel
+from akl_kernels.backends.triton.topk import K_BLOCK as TOPK_K_BLOCK
 from akl_kernels.backends.triton.topk import (
     _dense_grad_kernel,
     _student_side_kernel,
     _token_grad_kernel,
-    k_block,
 )
 
 LOGIT_TYPES = ("fp32", "bf16", "fp16")
@@ -68,14 +69,9 @@ def _backward_source(s_type, t_type, pointwise, with_ce, settings, grad_type=Non
     return ASTSource(_divergence_grad_kernel, signature, constexprs=constexprs)
 
 
-# The sparse teacher's K_BLOCKs (topk.k_block).
-TOPK_K_BLOCKS = tuple(sorted({k_block(k) for k in (1, 16, 17, 4096)}))
-
-
-def _topk_sources(s_type, with_ce, side_blocks, grad_blocks, k_blocks=TOPK_K_BLOCKS,
-                  grad_type=None):
-    """The sparse teacher's kernels: the student sweep per (BLOCK, K_BLOCK), the gradient
-    sweep per BLOCK, the k tokens' gradient per K_BLOCK. With ``grad_type`` (the fused linear
+def _topk_sources(s_type, with_ce, side_blocks, grad_blocks, grad_type=None):
+    """The sparse teacher's kernels (K_BLOCK fixed: ``topk.K_BLOCK``): the student sweep and
+    the gradient sweep per BLOCK, the k tokens' gradient. With ``grad_type`` (the fused linear
     losses' float32 tiles, the gradient in the weight's dtype) the two gradient kernels only."""
     grad_type = grad_type or s_type
     arrow = "" if grad_type == s_type else f"->{grad_type}"
@@ -89,14 +85,14 @@ def _topk_sources(s_type, with_ce, side_blocks, grad_blocks, k_blocks=TOPK_K_BLO
     dense = {"s_ptr": f"*{s_type}", "coef_ptr": "*fp32", "live_ptr": "*i8",
              "labels_ptr": "*i64", "grad_ptr": f"*{grad_type}", "V": "i32", "stride_s": "i32",
              "inv_t": "fp32", "WITH_CE": "constexpr", "BLOCK": "constexpr"}
-    for block, kb in itertools.product(side_blocks if not arrow else (), k_blocks):
+    kb = TOPK_K_BLOCK
+    for block in side_blocks if not arrow else ():
         yield (f"topk_side[{s_type},ce={with_ce},BLOCK={block},K_BLOCK={kb}]",
                ASTSource(_student_side_kernel, side,
                          constexprs=dict(WITH_CE=with_ce, BLOCK=block, K_BLOCK=kb)), 4)
-    for kb in k_blocks:
-        yield (f"topk_tokens[{s_type}{arrow},ce={with_ce},K_BLOCK={kb}]",
-               ASTSource(_token_grad_kernel, tokens,
-                         constexprs=dict(WITH_CE=with_ce, K_BLOCK=kb)), 1)
+    yield (f"topk_tokens[{s_type}{arrow},ce={with_ce},K_BLOCK={kb}]",
+           ASTSource(_token_grad_kernel, tokens, constexprs=dict(WITH_CE=with_ce, K_BLOCK=kb)),
+           1)
     for block in grad_blocks:
         yield (f"topk_grad[{s_type}{arrow},ce={with_ce},BLOCK={block}]",
                ASTSource(_dense_grad_kernel, dense,
@@ -187,6 +183,6 @@ def check_all(archs=(80, 90), workers=None):
 
 
 if __name__ == "__main__":
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    if triton_interpreter_enabled():
         raise SystemExit("unset TRITON_INTERPRET: the interpreter cannot compile kernels")
     check_all()

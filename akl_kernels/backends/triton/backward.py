@@ -96,7 +96,7 @@ def backward(s2d, t2d, row_stats, coef, cfg, *, labels=None, grad_dtype=None, ou
             row_stats,
             coef.to(torch.float32),
             grad,
-            labels if labels is not None else torch.zeros(1, dtype=torch.int64, device=grad.device),
+            launch.labels_or_dummy(labels, grad.device),
             vocab,
             s2d.stride(0),
             t2d.stride(0),

@@ -216,8 +216,7 @@ def _forward(s2d, t2d, valid, cfg, labels, head_stats, search, reads) -> RowResu
                        device=device)
     count = torch.zeros(n_rows if head_split else 1, dtype=torch.int32, device=device)
     parts = torch.zeros(n_rows if cfg.with_ce else 1, 2, dtype=torch.float32, device=device)
-    if labels is None:  # never read without WITH_CE; int64 keeps one compiled signature
-        labels = torch.zeros(1, dtype=torch.int64, device=device)
+    labels = launch.labels_or_dummy(labels, device)
     if n_rows > 0:
         settings = launch.forward_launch(vocab, head_split, search)
         _divergence_forward_kernel[(n_rows,)](

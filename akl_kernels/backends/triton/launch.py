@@ -11,11 +11,13 @@ N = 16384, V = 128256, bf16; confirmed in archive/h100-final), capped for small 
 - the gradient kernel is elementwise: 2048-wide chunks, 4 warps (flat from 1024 to 8192).
 """
 
+import torch
 import triton
 
 from akl_kernels.validation import environment_choice
 
 ROW_BLOCK = 2048
+GRAD_BLOCK = 2048  # the elementwise gradient kernels
 STATS_ONLY_BLOCK = 1024
 SEARCH_BLOCK = 1024
 PIVOTS = 4
@@ -57,7 +59,13 @@ def forward_launch(vocab: int, head_split: bool, search: str = DEFAULT_HEAD_SEAR
 
 
 def backward_launch(vocab: int) -> dict:
-    return dict(BLOCK=_block(vocab, 2048), num_warps=4)
+    return dict(BLOCK=_block(vocab, GRAD_BLOCK), num_warps=4)
+
+
+def labels_or_dummy(labels, device):
+    """The kernels' labels argument: a one-entry int64 tensor where there are none (never read
+    without WITH_CE; int64 keeps one compiled signature)."""
+    return labels if labels is not None else torch.zeros(1, dtype=torch.int64, device=device)
 
 
 def topk_launch(vocab: int) -> dict:
@@ -70,7 +78,7 @@ def launch_blocks() -> list[int]:
     """Every power-of-two block a heuristic above can pick."""
     blocks = []
     block = MIN_BLOCK
-    while block <= max(ROW_BLOCK, STATS_ONLY_BLOCK, 2048):
+    while block <= max(ROW_BLOCK, STATS_ONLY_BLOCK, GRAD_BLOCK):
         blocks.append(block)
         block *= 2
     return blocks

@@ -31,6 +31,9 @@ from akl_kernels.backends.triton.row_passes import load_scaled
 from akl_kernels.row_results import N_TOPK_STATS, TopKStat, loss_dtype
 from akl_kernels.row_results import RowStat as S
 
+# The k tokens are gathered K_BLOCK at a time (a loop): one specialisation to compile for every
+# k; the few masked lanes of a small k cost nothing next to the row's sweep.
+K_BLOCK = 64
 # Columns of the student-side buffer [N, 6] the forward kernel writes.
 _M, _LOGZ, _LOGZ_REST, _BAD, _M_1, _LOGZ_1 = (tl.constexpr(k) for k in range(6))
 _N_SIDE = tl.constexpr(6)
@@ -173,18 +176,8 @@ def _token_grad_kernel(
         tl.store(grad_ptr + row * V + idx, g.to(grad_ptr.dtype.element_ty), mask=present)
 
 
-def k_block(k: int) -> int:
-    """The k tokens are gathered 64 at a time (a loop): one specialisation to compile for
-    every k; the few masked lanes of a small k cost nothing next to the row's sweep."""
-    return 64
-
-
 def _kernel_indices(indices, present):
     return torch.where(present, indices, -1).contiguous()
-
-
-def _labels_or_dummy(labels, device):
-    return labels if labels is not None else torch.zeros(1, dtype=torch.int64, device=device)
 
 
 def forward(s2d, indices, logprobs, valid, cfg, *, labels=None, head_stats=False):
@@ -199,7 +192,7 @@ def forward(s2d, indices, logprobs, valid, cfg, *, labels=None, head_stats=False
     settings = launch.topk_launch(vocab)
     _student_side_kernel[(n_rows,)](
         s2d, _kernel_indices(indices, present), side, vocab, k, s2d.stride(0),
-        1.0 / cfg.temperature, cfg.temperature, WITH_CE=cfg.with_ce, K_BLOCK=k_block(k),
+        1.0 / cfg.temperature, cfg.temperature, WITH_CE=cfg.with_ce, K_BLOCK=K_BLOCK,
         **settings)
     zs_k = torch_topk.gathered_scaled(s2d, indices, torch.float32, 1.0 / cfg.temperature)
     column = lambda c: side[:, c.value]  # noqa: E731
@@ -248,7 +241,7 @@ def backward(s2d, indices, logprobs, row_stats, coef, cfg, *, labels=None, grad_
     coefs = torch.stack([shift, c_rest, coef * cfg.cross_entropy_weight, st[:, S.M_1],
                          st[:, S.LOGZ_1]], 1).to(torch.float32).contiguous()
     live = (coef != 0).to(torch.int8)
-    labels = _labels_or_dummy(labels, s2d.device)
+    labels = launch.labels_or_dummy(labels, s2d.device)
     settings = launch.backward_launch(vocab)
     _dense_grad_kernel[(n_rows, triton.cdiv(vocab, settings["BLOCK"]))](
         s2d, coefs, live, labels, grad, vocab, s2d.stride(0), inv_t, WITH_CE=cfg.with_ce,
@@ -257,5 +250,5 @@ def backward(s2d, indices, logprobs, row_stats, coef, cfg, *, labels=None, grad_
     _token_grad_kernel[(n_rows,)](
         s2d, _kernel_indices(block_indices, here), g_cat[:, :k].to(torch.float32).contiguous(),
         coefs, live, labels, grad, vocab, k, s2d.stride(0), WITH_CE=cfg.with_ce,
-        K_BLOCK=k_block(k), num_warps=1)
+        K_BLOCK=K_BLOCK, num_warps=1)
     return grad

@@ -5,7 +5,7 @@ Each is ``D = sum_{i in C} f(p_i, q_i)`` over the contributing positions C (both
 scaled logits is ``g_j = [j in C] h_j - q_j * sum_{i in C} h_i`` (differentiate through the
 softmax), so a forward pass keeps ``S = sum_C h`` per row and the backward pass is elementwise.
 Where nearly all of the student's mass lies where the teacher has almost none, that bracket
-cancels: ``h`` is taken relative to its value there (``tail_value``), and TVD's gradient is
+cancels: ``h`` is taken relative to its value there (``zero_mass_slope``), and TVD's gradient is
 formed from masses summed apart (``tvd_grad``: its bracket ``sign_j - sum_i sign_i q_i`` would
 cancel when almost all of the student's mass lies on one side of the teacher's).
 
@@ -23,8 +23,15 @@ import torch
 from akl_kernels.backends.torch.reductions import row_sum
 
 
-def _log_weight(weight: float) -> float:
+def log_weight(weight: float) -> float:
+    """log of a mixture weight, -inf for a zero one."""
     return math.log(weight) if weight > 0 else float("-inf")
+
+
+def mixture_weight(kind: str, param: float) -> float:
+    """The teacher's weight w_p in the mixture m = w_p p + (1 - w_p) q of ``kind`` (0.5 for
+    a divergence without one: the kernels' arguments need a value)."""
+    return {"jsd": param, "skew_fkl": param, "skew_rkl": 1.0 - param}.get(kind, 0.5)
 
 
 def log_mixture(log_p, log_q, weight_p: float):
@@ -33,8 +40,8 @@ def log_mixture(log_p, log_q, weight_p: float):
     Not ``torch.logaddexp``: on CPU its vector loop hands the tail of a buffer to a scalar loop
     that rounds differently, so a row's bits would depend on the rows around it; exp and log
     (and exact arithmetic) round the same in every lane."""
-    a = log_p + _log_weight(weight_p)
-    b = log_q + _log_weight(1.0 - weight_p)
+    a = log_p + log_weight(weight_p)
+    b = log_q + log_weight(1.0 - weight_p)
     top = torch.maximum(a, b)
     top = torch.where(top == float("-inf"), 0.0, top)  # both -inf: log(0) = -inf below
     return top + torch.log(torch.exp(a - top) + torch.exp(b - top))
@@ -50,7 +57,7 @@ def _sigmoid(y):
     return torch.where(y >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
 
 
-def tail_value(kind: str, param: float) -> float:
+def zero_mass_slope(kind: str, param: float) -> float:
     """``a0``: the value of ``a = df/dq`` where the teacher has no mass (p = 0).
 
     The gradient ``g_j = q_j (a_j - sum_i q_i a_i)`` is unchanged when the same constant is
@@ -67,21 +74,22 @@ def tail_value(kind: str, param: float) -> float:
 
 def terms(kind: str, log_p, log_q, param: float):
     """(f_i, h_i = q_i (df/dq_i - a0)) per position for ``kind`` in akl_kernels.config.POINTWISE
-    (``tail_value`` gives a0; TVD's gradient is ``tvd_grad``)."""
+    (``zero_mass_slope`` gives a0; TVD's gradient is ``tvd_grad``)."""
     q = log_q.exp()
+    weight_p = mixture_weight(kind, param)
     if kind == "jsd":  # beta KL(p || m) + (1 - beta) KL(q || m), m = beta p + (1 - beta) q
-        log_m = log_mixture(log_p, log_q, param)
+        log_m = log_mixture(log_p, log_q, weight_p)
         f = param * log_p.exp() * (log_p - log_m) + (1.0 - param) * q * (log_q - log_m)
         # a - a0 = -(1 - beta) log(1 + beta p / ((1 - beta) q))
-        ratio = log_p - log_q + (_log_weight(param) - _log_weight(1.0 - param))
+        ratio = log_p - log_q + (log_weight(param) - log_weight(1.0 - param))
         return f, -(1.0 - param) * q * _softplus(ratio)
     if kind == "skew_fkl":  # KL(p || m), m = lam p + (1 - lam) q
-        log_m = log_mixture(log_p, log_q, param)
+        log_m = log_mixture(log_p, log_q, weight_p)
         return log_p.exp() * (log_p - log_m), -(1.0 - param) * torch.exp(log_p + log_q - log_m)
     if kind == "skew_rkl":  # KL(q || m), m = (1 - lam) p + lam q
-        log_m = log_mixture(log_p, log_q, 1.0 - param)
+        log_m = log_mixture(log_p, log_q, weight_p)
         # With x = (1 - lam) p / (lam q): a - a0 = x / (1 + x) - log(1 + x) (0 at lam = 1).
-        ratio = log_p - log_q + (_log_weight(1.0 - param) - _log_weight(param))
+        ratio = log_p - log_q + (log_weight(1.0 - param) - log_weight(param))
         return q * (log_q - log_m), q * (_sigmoid(ratio) - _softplus(ratio))
     if kind == "tvd":  # 0.5 sum |p - q|
         diff = q - log_p.exp()
@@ -96,7 +104,7 @@ def row_terms(kind: str, log_p, log_q, param: float, contributing):
     f, h = terms(kind, log_p, log_q, param)
     if contributing is None:
         return f, h
-    a0 = tail_value(kind, param)
+    a0 = zero_mass_slope(kind, param)
     return torch.where(contributing, f, 0.0), torch.where(contributing, h, -a0 * log_q.exp())
 
 

@@ -43,7 +43,7 @@ def _forward_source(s_type, t_type, head_split, pointwise, with_ce, settings, se
         "parts_ptr": "*fp32", "reads_ptr": "*i32", "V": "i32", "stride_s": "i32",
         "stride_t": "i32", "inv_t": "fp32",
         "fkl_weight": "fp32", "pointwise": "i32", "param": "fp32", "log_wp": "fp32",
-        "log_wq": "fp32", "tail": "fp32", "t_scale": "fp32", "kd_ratio": "fp32", "mu": "fp32",
+        "log_wq": "fp32", "a0": "fp32", "t_scale": "fp32", "kd_ratio": "fp32", "mu": "fp32",
         "span": "fp32", "include_crossing": "i32",
         "HEAD_SPLIT": "constexpr", "RADIX": "constexpr", "COUNT_READS": "constexpr",
         "POINTWISE": "constexpr", "WITH_CE": "constexpr",
@@ -61,7 +61,7 @@ def _backward_source(s_type, t_type, pointwise, with_ce, settings, grad_type=Non
         "s_ptr": f"*{s_type}", "t_ptr": f"*{t_type}", "stats_ptr": "*fp32", "coef_ptr": "*fp32",
         "grad_ptr": f"*{grad_type or s_type}", "labels_ptr": "*i64", "V": "i32", "stride_s": "i32",
         "stride_t": "i32", "inv_t": "fp32", "pointwise": "i32", "param": "fp32", "log_wp": "fp32",
-        "log_wq": "fp32", "tail": "fp32", "t_scale": "fp32", "kd_scale": "fp32",
+        "log_wq": "fp32", "a0": "fp32", "t_scale": "fp32", "kd_scale": "fp32",
         "ce_weight": "fp32",
         "POINTWISE": "constexpr", "WITH_CE": "constexpr", "BLOCK": "constexpr",
     }

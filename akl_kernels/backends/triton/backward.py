@@ -13,9 +13,7 @@ import triton.language as tl
 from akl_kernels.backends.triton import launch
 from akl_kernels.backends.triton import stat_columns as stat
 from akl_kernels.backends.triton.forward import pointwise_args
-from akl_kernels.backends.triton.row_passes import load_log_probs, pointwise_terms, tvd_grad
-
-_TVD = tl.constexpr(4)  # TVD's pointwise code (akl_kernels.config.POINTWISE)
+from akl_kernels.backends.triton.row_passes import TVD, load_log_probs, pointwise_terms, tvd_grad
 
 
 @triton.jit
@@ -34,7 +32,7 @@ def _divergence_grad_kernel(
     param,
     log_wp,
     log_wq,
-    tail,  # the pointwise gradient's reference value a0
+    a0,  # the pointwise gradient's reference value (backends/torch/pointwise.py)
     t_scale,  # T
     kd_scale,  # the divergence's weight times d zs / d s = 1/T; 0: not evaluated
     ce_weight,  # the cross-entropy's weight (1 - kd_ratio); 0: not evaluated
@@ -62,7 +60,7 @@ def _divergence_grad_kernel(
                  - q * (tl.load(stats_row + stat.RKL) + tl.load(stats_row + stat.Q_C)))
         w_f = tl.load(stats_row + stat.W_F)
         d_divergence = w_f * d_fkl + tl.load(stats_row + stat.W_R) * d_rkl
-    elif pointwise == _TVD:
+    elif pointwise == TVD:
         d_divergence = tvd_grad(log_p, log_q, contributing,
                                 tl.load(stats_row + stat.Q_ABOVE),
                                 tl.load(stats_row + stat.Q_BELOW),
@@ -70,7 +68,7 @@ def _divergence_grad_kernel(
     else:  # e - q H_SUM, e = h on C and -a0 q outside (backends/torch/pointwise.py)
         _, h = pointwise_terms(pointwise, log_p, log_q, param, log_wp, log_wq)
         h_sum = tl.load(stats_row + stat.H_SUM)
-        d_divergence = tl.where(contributing, h, -tail * q) - q * h_sum
+        d_divergence = tl.where(contributing, h, -a0 * q) - q * h_sum
     d_loss = tl.where(kd_scale != 0.0, kd_scale * d_divergence, 0.0)
     if WITH_CE:  # d CE / d s = softmax(s) - onehot(label), at T = 1 (s = zs T)
         # As the forward pass summed it: M_1 = m_s T, so (zs - m_s) T = s - M_1.

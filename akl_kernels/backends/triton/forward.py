@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from akl_kernels.backends.torch.pointwise import tail_value
+from akl_kernels.backends.torch.pointwise import log_weight, mixture_weight, zero_mass_slope
 from akl_kernels.backends.triton import launch
 from akl_kernels.backends.triton import stat_columns as stat
 from akl_kernels.backends.triton.radix_split import radix_threshold
@@ -48,7 +48,7 @@ def _divergence_forward_kernel(
     param,
     log_wp,
     log_wq,
-    tail,  # the pointwise gradient's reference value a0 (backends/torch/pointwise.py)
+    a0,  # the pointwise gradient's reference value (backends/torch/pointwise.py)
     t_scale,  # T
     kd_ratio,
     mu,
@@ -123,7 +123,7 @@ def _divergence_forward_kernel(
         if POINTWISE:
             loss, h_sum, q_above, q_below, q_rest = pointwise_sums(
                 s_row, t_row, V, inv_t, m_s, logz_s, m_t, logz_t, pointwise, param, log_wp,
-                log_wq, tail, BLOCK,
+                log_wq, a0, BLOCK,
             )
             reads += 1
         if COUNT_READS:
@@ -172,11 +172,10 @@ def _divergence_forward_kernel(
 def pointwise_args(cfg) -> tuple:
     """(code, param, log w_p, log w_q, a0) of the kernels' pointwise arguments for ``cfg``
     (a0 from the one definition both backends use: backends/torch/pointwise.py)."""
-    weight_p = {"jsd": cfg.param, "skew_fkl": cfg.param, "skew_rkl": 1.0 - cfg.param}.get(
-        cfg.kind, 0.5)
-    log = lambda w: math.log(w) if w > 0 else float("-inf")  # noqa: E731
-    tail = tail_value(cfg.kind, cfg.param) if cfg.pointwise_code else 0.0
-    return cfg.pointwise_code, cfg.param, log(weight_p), log(1.0 - weight_p), tail
+    weight_p = mixture_weight(cfg.kind, cfg.param)
+    a0 = zero_mass_slope(cfg.kind, cfg.param) if cfg.pointwise_code else 0.0
+    return (cfg.pointwise_code, cfg.param, log_weight(weight_p), log_weight(1.0 - weight_p),
+            a0)
 
 
 def search_span(vocab: int, mu: float) -> float:

@@ -22,6 +22,12 @@ import triton
 import triton.language as tl
 
 from akl_kernels.backends.triton.radix_split import load_teacher_keys, teacher_mass
+from akl_kernels.config import POINTWISE
+
+# The pointwise divergences' kind codes in the kernels: 1 + the index in POINTWISE (0: the KL
+# family; akl_kernels.config.LossConfig.pointwise_code).
+JSD, SKEW_FKL, SKEW_RKL, TVD = (tl.constexpr(POINTWISE.index(kind) + 1)
+                                for kind in ("jsd", "skew_fkl", "skew_rkl", "tvd"))
 
 
 @triton.jit
@@ -287,15 +293,15 @@ def pointwise_terms(kind, log_p, log_q, param, log_wp, log_wq):
     q = tl.exp(log_q)
     f = tl.zeros_like(q)
     h = tl.zeros_like(q)
-    if kind == 1:  # JSD(beta): beta KL(p || m) + (1 - beta) KL(q || m)
+    if kind == JSD:  # JSD(beta): beta KL(p || m) + (1 - beta) KL(q || m)
         log_m = _log_add_exp(log_p + log_wp, log_q + log_wq)
         f = param * tl.exp(log_p) * (log_p - log_m) + (1.0 - param) * q * (log_q - log_m)
         h = -(1.0 - param) * q * _softplus(log_p - log_q + (log_wp - log_wq))
-    elif kind == 2:  # skew FKL: KL(p || lam p + (1 - lam) q), a0 = 0
+    elif kind == SKEW_FKL:  # skew FKL: KL(p || lam p + (1 - lam) q), a0 = 0
         log_m = _log_add_exp(log_p + log_wp, log_q + log_wq)
         f = tl.exp(log_p) * (log_p - log_m)
         h = -(1.0 - param) * tl.exp(log_p + log_q - log_m)
-    elif kind == 3:  # skew RKL: KL(q || (1 - lam) p + lam q)
+    elif kind == SKEW_RKL:  # skew RKL: KL(q || (1 - lam) p + lam q)
         log_m = _log_add_exp(log_p + log_wp, log_q + log_wq)
         f = q * (log_q - log_m)
         ratio = log_p - log_q + (log_wp - log_wq)
@@ -327,11 +333,11 @@ def mix_terms(divergence, cross_entropy, kd_ratio):
 
 @triton.jit
 def pointwise_sums(
-    s_row, t_row, V, inv_t, m_s, logz_s, m_t, logz_t, kind, param, log_wp, log_wq, tail,
+    s_row, t_row, V, inv_t, m_s, logz_s, m_t, logz_t, kind, param, log_wp, log_wq, a0,
     BLOCK: tl.constexpr,
 ):
     """(sum_C f, H_SUM, Q_above, Q_below, Q_rest) of pointwise divergence ``kind`` over one
-    row: H_SUM sums h on C and -a0 q outside it (a0 = ``tail``), the gradient's bracket; the
+    row: H_SUM sums h on C and -a0 q outside it, the gradient's bracket; the
     last three are the student's masses where q > p, where q < p (both inside C) and
     elsewhere, for TVD's gradient."""
     f_sum = tl.zeros([BLOCK], tl.float32)
@@ -346,7 +352,7 @@ def pointwise_sums(
         f, h = pointwise_terms(kind, log_p, log_q, param, log_wp, log_wq)
         q = tl.exp(log_q)
         f_sum += tl.where(contributing, f, 0.0)
-        h_sum += tl.where(contributing, h, -tail * q)
+        h_sum += tl.where(contributing, h, -a0 * q)
         above = (log_q > log_p) & contributing
         below = (log_q < log_p) & contributing
         q_above += tl.where(above, q, 0.0)

@@ -11,7 +11,6 @@ against the library's FKL and the floor, with the reads of the teacher row each 
 from __future__ import annotations
 
 import argparse
-import importlib
 import itertools
 import json
 import os
@@ -21,6 +20,7 @@ from unittest import mock
 import torch
 
 import akl_kernels
+from akl_kernels.backends.triton import forward_kernel as triton_forward
 from akl_kernels.config import make_config
 from benchmarks.common import (
     copy_bandwidth_gbs,
@@ -31,7 +31,6 @@ from benchmarks.common import (
     make_inputs,
 )
 
-triton_forward = importlib.import_module("akl_kernels.backends.triton.forward")
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 

@@ -14,12 +14,11 @@ import torch
 
 import reference
 from akl_kernels.backends.torch import head_split
+from akl_kernels.backends.triton import forward_kernel as triton_forward
 from akl_kernels.config import make_config
 from akl_kernels.radix_split import digit_plan, key_bits, search_passes
 from tests.conftest import DEVICE
 from tests.helpers import ambiguous_rows
-
-triton_forward = importlib.import_module("akl_kernels.backends.triton.forward")
 
 VOCAB = 600
 

@@ -28,7 +28,7 @@ def test_the_wheel_adds_one_import_name(tmp_path):
     assert top_level == {"akl_kernels"}, top_level
     # The whole package ships: both backends and the Trainer integration.
     for module in ("akl_kernels/backends/torch/chunked.py",
-                   "akl_kernels/backends/triton/forward.py",
+                   "akl_kernels/backends/triton/forward_kernel.py",
                    "akl_kernels/integrations/transformers.py"):
         assert module in names
     metadata = next(name for name in names if name.endswith(".dist-info/top_level.txt"))

@@ -1,7 +1,7 @@
 """The Triton backend (``backend="triton"``): fused forward and backward kernels."""
 
-from akl_kernels.backends.triton.backward import backward
-from akl_kernels.backends.triton.forward import forward
+from akl_kernels.backends.triton.forward_kernel import forward
+from akl_kernels.backends.triton.grad_kernel import backward
 from akl_kernels.backends.triton.topk import backward as topk_backward
 from akl_kernels.backends.triton.topk import forward as topk_forward
 

@@ -24,8 +24,8 @@ from triton.compiler import ASTSource
 
 from akl_kernels.backends.interface import triton_interpreter_enabled
 from akl_kernels.backends.triton import launch
-from akl_kernels.backends.triton.backward import _divergence_grad_kernel
-from akl_kernels.backends.triton.forward import _divergence_forward_kernel
+from akl_kernels.backends.triton.forward_kernel import _divergence_forward_kernel
+from akl_kernels.backends.triton.grad_kernel import _divergence_grad_kernel
 from akl_kernels.backends.triton.topk import K_BLOCK as TOPK_K_BLOCK
 from akl_kernels.backends.triton.topk import (
     _dense_grad_kernel,

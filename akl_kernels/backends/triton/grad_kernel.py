@@ -12,7 +12,7 @@ import triton.language as tl
 
 from akl_kernels.backends.triton import launch
 from akl_kernels.backends.triton import stat_columns as stat
-from akl_kernels.backends.triton.forward import pointwise_args
+from akl_kernels.backends.triton.forward_kernel import pointwise_args
 from akl_kernels.backends.triton.row_passes import TVD, load_log_probs, pointwise_terms, tvd_grad
 
 

@@ -30,9 +30,7 @@ def _fused_linear(cfg, student_hidden, student_weight, labels, *, teacher_hidden
     """Shared body: checks, the valid rows, the custom operator, the reduction."""
     checks.check_strategy(strategy)
     group = group_name(process_group)
-    if group and isinstance(teacher_logits, TopKTeacher):
-        raise ValueError("a TopKTeacher takes no process_group: sparse teachers over "
-                         "vocabulary slices are not supported")
+    checks.check_topk_teacher_ungrouped(teacher_logits, process_group)
     teacher_optional = cfg.with_ce and cfg.kd_ratio == 0.0
     checks.check_linear_inputs(student_hidden, student_weight, student_bias, teacher_hidden,
                                teacher_weight, teacher_bias, teacher_logits,

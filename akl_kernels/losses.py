@@ -72,9 +72,7 @@ def local_inputs(student_logits, teacher_logits, labels, process_group):
     logits become this rank's slices (vocab_shards.local_inputs)."""
     student_logits, teacher_logits, labels, process_group = vocab_shards.local_inputs(
         student_logits, teacher_logits, labels, process_group)
-    if process_group is not None and isinstance(teacher_logits, TopKTeacher):
-        raise ValueError("a TopKTeacher takes no process_group: sparse teachers over "
-                         "vocabulary slices are not supported")
+    checks.check_topk_teacher_ungrouped(teacher_logits, process_group)
     return student_logits, teacher_logits, labels, vocab_shards.group_name(process_group)
 
 
@@ -111,8 +109,7 @@ def divergence_loss(student_logits, teacher_logits, labels=None, *, divergence="
 
 
 def fkl_loss(student_logits, teacher_logits, labels=None, *, temperature=1.0, ignore_index=-100,
-             reduction="mean", backend="auto", check_values=True,
-             process_group=None):
+             reduction="mean", backend="auto", check_values=True, process_group=None):
     """Forward KL(p || q), teacher p, student q, per token, reduced (options as ``akl_loss``)."""
     return divergence_loss(student_logits, teacher_logits, labels, divergence="fkl",
                            temperature=temperature, ignore_index=ignore_index,
@@ -121,8 +118,7 @@ def fkl_loss(student_logits, teacher_logits, labels=None, *, temperature=1.0, ig
 
 
 def rkl_loss(student_logits, teacher_logits, labels=None, *, temperature=1.0, ignore_index=-100,
-             reduction="mean", backend="auto", check_values=True,
-             process_group=None):
+             reduction="mean", backend="auto", check_values=True, process_group=None):
     """Reverse KL(q || p), teacher p, student q, per token, reduced (options as ``akl_loss``)."""
     return divergence_loss(student_logits, teacher_logits, labels, divergence="rkl",
                            temperature=temperature, ignore_index=ignore_index,
@@ -145,7 +141,7 @@ def jsd_loss(student_logits, teacher_logits, labels=None, *, beta=0.5, temperatu
 
 def skew_fkl_loss(student_logits, teacher_logits, labels=None, *, lam=0.1, temperature=1.0,
                   ignore_index=-100, reduction="mean", backend="auto", check_values=True,
-             process_group=None):
+                  process_group=None):
     """DistiLLM's skew forward KL: ``KL(p || lam p + (1 - lam) q)``; ``lam = 0`` is FKL."""
     return divergence_loss(student_logits, teacher_logits, labels, divergence="skew_fkl",
                            lam=lam, temperature=temperature, ignore_index=ignore_index,
@@ -155,7 +151,7 @@ def skew_fkl_loss(student_logits, teacher_logits, labels=None, *, lam=0.1, tempe
 
 def skew_rkl_loss(student_logits, teacher_logits, labels=None, *, lam=0.1, temperature=1.0,
                   ignore_index=-100, reduction="mean", backend="auto", check_values=True,
-             process_group=None):
+                  process_group=None):
     """DistiLLM's skew reverse KL: ``KL(q || (1 - lam) p + lam q)``; ``lam = 0`` is RKL."""
     return divergence_loss(student_logits, teacher_logits, labels, divergence="skew_rkl",
                            lam=lam, temperature=temperature, ignore_index=ignore_index,
@@ -164,8 +160,7 @@ def skew_rkl_loss(student_logits, teacher_logits, labels=None, *, lam=0.1, tempe
 
 
 def tvd_loss(student_logits, teacher_logits, labels=None, *, temperature=1.0, ignore_index=-100,
-             reduction="mean", backend="auto", check_values=True,
-             process_group=None):
+             reduction="mean", backend="auto", check_values=True, process_group=None):
     """Total variation distance ``0.5 * sum |p - q|`` (its gradient is a subgradient: 0 where
     p = q). Options as ``akl_loss``."""
     return divergence_loss(student_logits, teacher_logits, labels, divergence="tvd",
@@ -176,7 +171,7 @@ def tvd_loss(student_logits, teacher_logits, labels=None, *, temperature=1.0, ig
 
 def mixed_kl_loss(student_logits, teacher_logits, labels=None, *, lam=0.5, temperature=1.0,
                   ignore_index=-100, reduction="mean", backend="auto", check_values=True,
-             process_group=None):
+                  process_group=None):
     """``(1 - lam) * FKL + lam * RKL`` with fixed weights (the AKL paper's FKL+RKL baseline)."""
     return divergence_loss(student_logits, teacher_logits, labels, divergence="mixed_kl",
                            lam=lam, temperature=temperature, ignore_index=ignore_index,

@@ -89,6 +89,12 @@ def check_tail(tail) -> None:
         raise ValueError(f"tail must be one of {TAILS}, got {tail!r}")
 
 
+def check_topk_teacher_ungrouped(teacher, process_group) -> None:
+    if process_group is not None and isinstance(teacher, TopKTeacher):
+        raise ValueError("a TopKTeacher takes no process_group: sparse teachers over "
+                         "vocabulary slices are not supported")
+
+
 def check_topk_teacher(teacher, student_logits) -> None:
     """A TopKTeacher's shapes, dtypes and device against the student's logits (no values)."""
     _check_dense("teacher_logits.indices", teacher.indices)

@@ -29,7 +29,6 @@ import argparse
 import json
 import math
 import os
-import subprocess
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -39,7 +38,7 @@ import torch
 import akl_kernels
 from akl_kernels import fused_linear_sweeps
 from benchmarks.common import device_meta, fmt
-from benchmarks.measure import time_and_peak
+from benchmarks.measure import measure_case, time_and_peak
 
 IMPLS = ("fused", "fused_recompute", "fused_recompute_budget1024", "unfused", "liger_fljsd",
          "liger_fljsd_loss")
@@ -142,19 +141,7 @@ def run_case(case: Case, repeats: int) -> dict:
 
 
 def measure(case: Case, repeats: int) -> dict:
-    if case.device == "cpu":  # a fresh process per case, so its peak RSS is its own
-        cmd = [sys.executable, "-m", "benchmarks.fused_linear", "--case",
-               json.dumps([asdict(case), repeats])]
-        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        if done.returncode != 0:
-            return dict(asdict(case), error=(done.stderr or done.stdout)[-1500:])
-        return json.loads(done.stdout.strip().splitlines()[-1])
-    try:
-        return run_case(case, repeats)
-    except torch.cuda.OutOfMemoryError as error:
-        return dict(asdict(case), error=f"out of memory: {str(error)[:200]}")
-    finally:
-        torch.cuda.empty_cache()
+    return measure_case(case, repeats, run_case, ("benchmarks.fused_linear", "--case"))
 
 
 def markdown(meta, records) -> str:

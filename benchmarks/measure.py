@@ -113,25 +113,28 @@ def run_case(case: Case, repeats: int, seed: int = 0) -> dict:
                 repeats=repeats if not cuda else "adaptive (>= 5)")
 
 
-def run_case_in_subprocess(case: Case, repeats: int) -> dict:
-    cmd = [sys.executable, "-m", "benchmarks.measure", json.dumps([asdict(case), repeats])]
-    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        tail = (done.stderr or done.stdout)[-1500:]
-        return dict(asdict(case), error=f"exit code {done.returncode}: {tail}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-def measure(case: Case, repeats: int) -> dict:
+def measure_case(case, repeats: int, run, child: tuple[str, ...]) -> dict:
+    """The record of ``run(case, repeats)`` for a dataclass ``case``: on CPU in a fresh process
+    (``python -m *child <[case, repeats] as JSON>``), so that its peak RSS is its own; on CUDA
+    in this one, an out-of-memory recorded as the case's error. Every benchmark measures so."""
     if case.device == "cpu":
-        return run_case_in_subprocess(case, repeats)
+        cmd = [sys.executable, "-m", *child, json.dumps([asdict(case), repeats])]
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            tail = (done.stderr or done.stdout)[-1500:]
+            return dict(asdict(case), error=f"exit code {done.returncode}: {tail}")
+        return json.loads(done.stdout.strip().splitlines()[-1])
     try:
-        return run_case(case, repeats)
+        return run(case, repeats)
     except torch.cuda.OutOfMemoryError as error:
         return dict(asdict(case), error=f"out of memory: {str(error)[:200]}")
     finally:
         gc.collect()
         torch.cuda.empty_cache()
+
+
+def measure(case: Case, repeats: int) -> dict:
+    return measure_case(case, repeats, run_case, ("benchmarks.measure",))
 
 
 if __name__ == "__main__":

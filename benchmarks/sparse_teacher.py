@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,7 +29,7 @@ import torch.nn.functional as F
 
 import akl_kernels
 from benchmarks.common import copy_bandwidth_gbs, device_meta, fmt, make_inputs
-from benchmarks.measure import time_and_peak
+from benchmarks.measure import measure_case, time_and_peak
 
 IMPLS = ("torch", "triton", "plain")
 # The shapes per device: (N, V, k, dtype).
@@ -96,19 +95,7 @@ def run_case(case: Case, repeats: int) -> dict:
 
 
 def measure(case: Case, repeats: int) -> dict:
-    if case.device == "cpu":  # a fresh process per case, so its peak RSS is its own
-        cmd = [sys.executable, "-m", "benchmarks.sparse_teacher", "--case",
-               json.dumps([asdict(case), repeats])]
-        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        if done.returncode != 0:
-            return dict(asdict(case), error=(done.stderr or done.stdout)[-1500:])
-        return json.loads(done.stdout.strip().splitlines()[-1])
-    try:
-        return run_case(case, repeats)
-    except torch.cuda.OutOfMemoryError as error:
-        return dict(asdict(case), error=f"out of memory: {str(error)[:200]}")
-    finally:
-        torch.cuda.empty_cache()
+    return measure_case(case, repeats, run_case, ("benchmarks.sparse_teacher", "--case"))
 
 
 def markdown(meta, records, bandwidth_gbs) -> str:

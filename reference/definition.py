@@ -14,7 +14,7 @@ import torch
 from akl_kernels import HeadTailStats  # the container only: no computation is shared
 
 
-def _scaled64(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+def scaled64(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     # docs/contract.md §2: z = logits / T, computed here in float64 whatever the input dtype.
     return logits.to(torch.float64) / temperature
 
@@ -28,7 +28,7 @@ def reference_head_mask(
 ) -> torch.Tensor:
     """Boolean mask of the teacher's head, shape of ``teacher_logits`` (docs/contract.md §2,
     the AKL split)."""
-    p = torch.softmax(_scaled64(teacher_logits.detach(), temperature), dim=-1)
+    p = torch.softmax(scaled64(teacher_logits.detach(), temperature), dim=-1)
     # 1. order: p descending, stable, so equal p keep the lower vocabulary index first.
     p_sorted, order = torch.sort(p, dim=-1, descending=True, stable=True)
     # 2. inclusive cumulative mass. Normalised by its own last entry so that the final c_k is
@@ -46,7 +46,7 @@ def reference_head_mask(
     return torch.zeros_like(head_sorted).scatter(-1, order, head_sorted)
 
 
-class _RowTerms(NamedTuple):
+class RowTerms(NamedTuple):
     fkl: torch.Tensor
     rkl: torch.Tensor
     p: torch.Tensor
@@ -56,9 +56,9 @@ class _RowTerms(NamedTuple):
     contributing: torch.Tensor
 
 
-def _row_terms(student_logits, teacher_logits, temperature) -> _RowTerms:
-    zs = _scaled64(student_logits, temperature)
-    zt = _scaled64(teacher_logits.detach(), temperature)
+def _row_terms(student_logits, teacher_logits, temperature) -> RowTerms:
+    zs = scaled64(student_logits, temperature)
+    zt = scaled64(teacher_logits.detach(), temperature)
     log_q = torch.log_softmax(zs, dim=-1)
     log_p = torch.log_softmax(zt, dim=-1)
     q, p = log_q.exp(), log_p.exp()
@@ -71,7 +71,7 @@ def _row_terms(student_logits, teacher_logits, temperature) -> _RowTerms:
     log_p_c = torch.where(contributing, log_p, torch.zeros_like(log_p))
     fkl = (p * (log_p_c - log_q_c)).sum(-1)  # FKL = sum_C p (log p - log q)
     rkl = (q * (log_q_c - log_p_c)).sum(-1)  # RKL = sum_C q (log q - log p)
-    return _RowTerms(fkl, rkl, p, q, log_p_c, log_q_c, contributing)
+    return RowTerms(fkl, rkl, p, q, log_p_c, log_q_c, contributing)
 
 
 def _log_mixture(log_p, log_q, weight_p):
@@ -95,7 +95,7 @@ def _pointwise_rows(kind, terms, param):
     return torch.where(terms.contributing, values, torch.zeros_like(values)).sum(-1)
 
 
-def _gap_weights(p, q, head):
+def gap_weights(p, q, head):
     # 4. gaps on probabilities; 5. weights, 0.5 each when the gaps are both zero.
     err = (p - q).abs()
     head_gap = torch.where(head, err, torch.zeros_like(err)).sum(-1)
@@ -118,12 +118,12 @@ def reference_head_tail_stats(
     head = reference_head_mask(
         teacher_logits, mu=mu, include_crossing=include_crossing, temperature=temperature
     )
-    head_gap, tail_gap, head_weight = _gap_weights(terms.p, terms.q, head)
+    head_gap, tail_gap, head_weight = gap_weights(terms.p, terms.q, head)
     head_mass = torch.where(head, terms.p, torch.zeros_like(terms.p)).sum(-1)
     return HeadTailStats(head_gap, tail_gap, head_weight, head.sum(-1), head_mass)
 
 
-def _reduce(rows, labels, ignore_index, reduction):
+def reduce_rows(rows, labels, ignore_index, reduction):
     if labels is None:
         valid = torch.ones(rows.shape, dtype=torch.bool, device=rows.device)
     else:
@@ -154,12 +154,12 @@ def reference_loss(
     ``param`` is beta (jsd) or lam (skew and mixed KL). Float64, differentiable in the student.
     """
     terms = _row_terms(student_logits, teacher_logits, temperature)
-    rows = _divergence_rows(kind, terms, param, lambda: reference_head_mask(
+    rows = divergence_rows(kind, terms, param, lambda: reference_head_mask(
         teacher_logits, mu=mu, include_crossing=include_crossing, temperature=temperature))
-    return _reduce(rows, labels, ignore_index, reduction)
+    return reduce_rows(rows, labels, ignore_index, reduction)
 
 
-def _divergence_rows(kind, terms: _RowTerms, param, head_mask):
+def divergence_rows(kind, terms: RowTerms, param, head_mask):
     """Each row's divergence ``kind`` from its terms; ``head_mask()`` gives AKL's head."""
     if kind == "jsd" and param in (0.0, 1.0):
         # TRL / Liger-Kernel convention: JSD(0) = FKL, JSD(1) = RKL.
@@ -173,7 +173,7 @@ def _divergence_rows(kind, terms: _RowTerms, param, head_mask):
     if kind in ("jsd", "skew_fkl", "skew_rkl", "tvd"):
         return _pointwise_rows(kind, terms, param)
     if kind == "akl":
-        _, _, w_head = _gap_weights(terms.p.detach(), terms.q.detach(), head_mask())
+        _, _, w_head = gap_weights(terms.p.detach(), terms.q.detach(), head_mask())
         # 6. AKL = w_head FKL + w_tail RKL with the weights held constant.
         return w_head * terms.fkl + (1.0 - w_head) * terms.rkl
     raise ValueError(f"unknown divergence {kind!r}")
@@ -207,15 +207,23 @@ def reference_distillation_loss(
 ):
     """(loss, cross-entropy, divergence), each reduced: ``(1 - kd_ratio) CE + kd_ratio D`` with
     the cross-entropy of the unscaled student logits (T = 1) against ``labels``."""
-    divergence_rows = reference_loss(
+    per_row = reference_loss(
         divergence, student_logits, teacher_logits, labels, mu=mu,
         include_crossing=include_crossing, temperature=temperature, ignore_index=ignore_index,
         reduction="none", param=param,
     )
+    return with_cross_entropy(per_row, student_logits, labels, kd_ratio, ignore_index,
+                              reduction)
+
+
+def with_cross_entropy(divergence_per_row, student_logits, labels, kd_ratio, ignore_index,
+                       reduction):
+    """(loss, cross-entropy, divergence), each reduced, from the divergence's rows: the
+    cross-entropy of the unscaled student logits (T = 1) against ``labels``, mixed in."""
     log_q1 = torch.log_softmax(student_logits.to(torch.float64), dim=-1)
     valid = labels != ignore_index
     target = torch.where(valid, labels, torch.zeros_like(labels))
     ce_rows = -log_q1.gather(-1, target[..., None])[..., 0]
-    rows = kd_ratio * divergence_rows + (1.0 - kd_ratio) * ce_rows
-    return tuple(_reduce(x, labels, ignore_index, reduction)
-                 for x in (rows, ce_rows, divergence_rows))
+    rows = kd_ratio * divergence_per_row + (1.0 - kd_ratio) * ce_rows
+    return tuple(reduce_rows(x, labels, ignore_index, reduction)
+                 for x in (rows, ce_rows, divergence_per_row))

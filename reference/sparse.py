@@ -13,18 +13,19 @@ import torch
 from akl_kernels import HeadTailStats
 from akl_kernels.topk_teacher import TopKTeacher
 from reference.definition import (
-    _divergence_rows,
-    _gap_weights,
-    _reduce,
-    _RowTerms,
-    _scaled64,
+    RowTerms,
+    divergence_rows,
+    gap_weights,
+    reduce_rows,
+    scaled64,
+    with_cross_entropy,
 )
 
 
 def category_log_probs(student_logits, teacher: TopKTeacher, temperature):
     """(log P, log Q, present, vocabulary index) of each row's categories: the k tokens, then
     in bucket mode "rest". Padding has log P = log Q = -inf."""
-    log_q_full = torch.log_softmax(_scaled64(student_logits, temperature), dim=-1)
+    log_q_full = torch.log_softmax(scaled64(student_logits, temperature), dim=-1)
     present = teacher.logprobs != float("-inf")
     index = torch.where(present, teacher.indices.long(), 0)
     log_p = torch.where(present, teacher.logprobs.detach().to(torch.float64), -torch.inf)
@@ -48,12 +49,12 @@ def category_log_probs(student_logits, teacher: TopKTeacher, temperature):
         [index, rest_index], -1)
 
 
-def _terms(log_p, log_q) -> _RowTerms:
+def _terms(log_p, log_q) -> RowTerms:
     contributing = (log_p != -torch.inf) & (log_q != -torch.inf)
     log_p_c = torch.where(contributing, log_p, 0.0)
     log_q_c = torch.where(contributing, log_q, 0.0)
     p, q = log_p.exp(), log_q.exp()
-    return _RowTerms((p * (log_p_c - log_q_c)).sum(-1), (q * (log_q_c - log_p_c)).sum(-1), p,
+    return RowTerms((p * (log_p_c - log_q_c)).sum(-1), (q * (log_q_c - log_p_c)).sum(-1), p,
                      q, log_p_c, log_q_c, contributing)
 
 
@@ -86,9 +87,9 @@ def reference_sparse_loss(kind, student_logits, teacher: TopKTeacher, labels=Non
                           reduction="mean", param=0.0):
     """``reference_loss`` with a sparse teacher: the divergence on the categories."""
     log_p, log_q, present, index = category_log_probs(student_logits, teacher, temperature)
-    rows = _divergence_rows(kind, _terms(log_p, log_q), param, lambda: reference_sparse_head_mask(
+    rows = divergence_rows(kind, _terms(log_p, log_q), param, lambda: reference_sparse_head_mask(
         log_p, present, index, mu=mu, include_crossing=include_crossing))
-    return _reduce(rows, labels, ignore_index, reduction)
+    return reduce_rows(rows, labels, ignore_index, reduction)
 
 
 def reference_sparse_head_tail_stats(student_logits, teacher: TopKTeacher, *, mu=0.5,
@@ -98,7 +99,7 @@ def reference_sparse_head_tail_stats(student_logits, teacher: TopKTeacher, *, mu
     head = reference_sparse_head_mask(log_p, present, index, mu=mu,
                                       include_crossing=include_crossing)
     p, q = log_p.exp(), log_q.exp()
-    head_gap, tail_gap, head_weight = _gap_weights(p, q, head)
+    head_gap, tail_gap, head_weight = gap_weights(p, q, head)
     head_mass = torch.where(head, p, 0.0).sum(-1)
     return HeadTailStats(head_gap, tail_gap, head_weight, head.sum(-1), head_mass)
 
@@ -108,12 +109,8 @@ def reference_sparse_distillation_loss(student_logits, teacher: TopKTeacher, lab
                                        ignore_index=-100, reduction="mean", mu=0.5,
                                        include_crossing=False, param=0.0):
     """(loss, cross-entropy, divergence) as ``reference_distillation_loss``, sparse teacher."""
-    divergence_rows = reference_sparse_loss(
+    per_row = reference_sparse_loss(
         divergence, student_logits, teacher, labels, mu=mu, include_crossing=include_crossing,
         temperature=temperature, ignore_index=ignore_index, reduction="none", param=param)
-    log_q1 = torch.log_softmax(student_logits.to(torch.float64), dim=-1)
-    valid = labels != ignore_index
-    ce_rows = -log_q1.gather(-1, torch.where(valid, labels, 0)[..., None])[..., 0]
-    rows = kd_ratio * divergence_rows + (1.0 - kd_ratio) * ce_rows
-    return tuple(_reduce(x, labels, ignore_index, reduction)
-                 for x in (rows, ce_rows, divergence_rows))
+    return with_cross_entropy(per_row, student_logits, labels, kd_ratio, ignore_index,
+                              reduction)

@@ -83,10 +83,6 @@ class LinearHead(NamedTuple):
     weight: torch.Tensor  # [V, H]
     bias: torch.Tensor | None  # [V]
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.hidden.dtype
-
     def logits(self, rows: slice, vocab: slice, dtype: torch.dtype, out=None) -> torch.Tensor:
         out = matmul_wide(self.hidden[rows], self.weight[vocab].T, dtype, out)
         if self.bias is not None:
@@ -99,10 +95,6 @@ class GivenLogits(NamedTuple):
 
     all_logits: torch.Tensor
     rows: torch.Tensor | None
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.all_logits.dtype
 
     def logits(self, rows: slice, vocab: slice, dtype: torch.dtype) -> torch.Tensor:
         block = self.all_logits[:, vocab]  # the backends read any dtype and row stride
@@ -119,10 +111,6 @@ class GivenTopK(NamedTuple):
 
     indices: torch.Tensor
     logprobs: torch.Tensor
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.logprobs.dtype
 
 
 @functools.cache

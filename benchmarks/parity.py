@@ -34,14 +34,15 @@ def parity(device, n=64, vocab=32000):
                     grad = s.grad.double().cpu()
                     rows.append(dict(
                         dtype=str(dtype).removeprefix("torch."), teacher=teacher,
-                        backend=backend, kind=kind,
+                        backend=backend, kind=kind, n=n, vocab=vocab,
                         max_abs_loss_err=(out.double().cpu() - ref.detach()).abs().max().item(),
                         grad_rel_err=((grad - s_ref.grad).norm() / s_ref.grad.norm()).item(),
                     ))
     return rows
 
 
-def parity_markdown(rows, n=64, vocab=32000):
+def parity_markdown(rows):
+    n, vocab = rows[0]["n"], rows[0]["vocab"]
     lines = [f"Parity against the float64 reference ({n} rows, V = {vocab}, fresh random "
              "data each run):", "",
              "| dtype | teacher | backend | loss | max abs error of the loss rows "

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import TEACHERS, copy_bandwidth_gbs, device_meta, floor_bytes
+from benchmarks.common import TEACHERS, copy_bandwidth_gbs, device_meta, floor_bytes, floor_ms
 from benchmarks.implementations import FAMILY, IMPLEMENTATIONS, KINDS, LIBRARY
 from benchmarks.measure import Case, measure
 
@@ -128,7 +128,7 @@ def annotate(records, bandwidth):
             continue
         if bandwidth:
             dtype = getattr(torch, r["dtype"])
-            r["floor_ms"] = floor_bytes(r["n"], r["vocab"], dtype, dtype) / bandwidth / 1e6
+            r["floor_ms"] = floor_ms(floor_bytes(r["n"], r["vocab"], dtype, dtype), bandwidth)
             r["x_floor"] = r["forward_backward_ms"] / r["floor_ms"]
         fkl = next((o for o in records if o["impl"] == r["impl"] and o["kind"] == "fkl"
                     and "forward_backward_ms" in o

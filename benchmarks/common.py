@@ -45,6 +45,12 @@ def floor_bytes(n, vocab, s_dtype, t_dtype):
     return n * vocab * (2 * s_dtype.itemsize + t_dtype.itemsize)
 
 
+def floor_ms(nbytes, bandwidth_gbs):
+    """The time to move ``nbytes`` at the copy bandwidth measured in the same run (GB/s), or
+    None without one (on CPU)."""
+    return nbytes / (bandwidth_gbs * 1e9) * 1e3 if bandwidth_gbs else None
+
+
 def cuda_median_ms(fn, *, setup=None, min_repeats=5, max_repeats=100, target_ms=300.0):
     """Median of CUDA-event timings of fn, warm-up excluded.
 

@@ -25,20 +25,18 @@ and weight) after a warm-up call, and the peak memory above the inputs during it
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import os
 import sys
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 
 import akl_kernels
 from akl_kernels import fused_linear_sweeps
-from benchmarks.common import device_meta, fmt
-from benchmarks.measure import measure_case, time_and_peak
+from benchmarks import grid
+from benchmarks.common import fmt
+from benchmarks.measure import time_and_peak
 
 IMPLS = ("fused", "fused_recompute", "fused_recompute_budget1024", "unfused", "liger_fljsd",
          "liger_fljsd_loss")
@@ -140,10 +138,6 @@ def run_case(case: Case, repeats: int) -> dict:
     return dict(asdict(case), **result)
 
 
-def measure(case: Case, repeats: int) -> dict:
-    return measure_case(case, repeats, run_case, ("benchmarks.fused_linear", "--case"))
-
-
 def markdown(meta, records) -> str:
     base = {r["kind"]: r for r in records if r["impl"] == "unfused" and "error" not in r}
     n, hidden, vocab, dtype = (records[0][k] for k in ("n", "hidden", "vocab", "dtype"))
@@ -172,47 +166,12 @@ def markdown(meta, records) -> str:
     return "\n".join(lines) + "\n"
 
 
+GRID = grid.Grid("fused_linear", __doc__, Case, ("N", "H", "V"), DEFAULT_SHAPES, IMPLS, run_case,
+                 unavailable, markdown)
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    parser.add_argument("--shape", type=int, nargs=3, metavar=("N", "H", "V"))
-    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"))
-    parser.add_argument("--kinds", nargs="+", default=["fkl", "akl"])
-    parser.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS)
-    parser.add_argument("--repeats", type=int, default=3, help="CPU repeats (CUDA: adaptive)")
-    parser.add_argument("--out", default=None, help="directory (default benchmarks/results/"
-                        "<device>-fused-linear)")
-    parser.add_argument("--case", help=argparse.SUPPRESS)  # internal: one CPU case
-    args = parser.parse_args(argv)
-    if args.case:
-        fields, repeats = json.loads(args.case)
-        print(json.dumps(run_case(Case(**fields), repeats)))
-        return 0
-    device = args.device if args.device != "auto" else (
-        "cuda" if torch.cuda.is_available() else "cpu")
-    n, hidden, vocab, dtype = DEFAULT_SHAPES[device]
-    if args.shape:
-        n, hidden, vocab = args.shape
-    dtype = args.dtype or dtype
-    out = Path(args.out or f"benchmarks/results/local/{device}-fused-linear")
-    out.mkdir(parents=True, exist_ok=True)
-    meta = device_meta(device)
-    records = []
-    for kind in args.kinds:
-        for impl in args.impls:
-            why = unavailable(impl, kind, device)
-            if why:
-                print(f"skip {impl} {kind}: {why}", flush=True)
-                continue
-            record = measure(Case(impl, kind, n, hidden, vocab, dtype, device), args.repeats)
-            records.append(record)
-            print(json.dumps(record), flush=True)
-            (out / "fused_linear.json").write_text(json.dumps(dict(meta=meta, records=records),
-                                                              indent=1))
-    if records:
-        (out / "fused_linear.md").write_text(markdown(meta, records))
-        print((out / "fused_linear.md").read_text())
-    return 0 if records and all("error" not in r for r in records) else 1
+    return grid.main(GRID, argv)
 
 
 if __name__ == "__main__":

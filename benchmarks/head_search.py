@@ -28,6 +28,7 @@ from benchmarks.common import (
     cuda_median_ms,
     device_meta,
     floor_bytes,
+    floor_ms,
     make_inputs,
 )
 
@@ -59,8 +60,8 @@ def measure(n, vocab, dtype, teacher_kind, device, bandwidth):
         record[f"{search}_reads_mean"] = reads.mean().item()
         record[f"{search}_reads_max"] = reads.max().item()
     if bandwidth:
-        floor_ms = floor_bytes(n, vocab, student.dtype, teacher.dtype) / (bandwidth * 1e9) * 1e3
-        record["floor_ms"] = floor_ms
+        record["floor_ms"] = floor_ms(floor_bytes(n, vocab, student.dtype, teacher.dtype),
+                                      bandwidth)
     return record
 
 

@@ -18,18 +18,16 @@ measured in the same run.
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 import akl_kernels
-from benchmarks.common import copy_bandwidth_gbs, device_meta, fmt, make_inputs
-from benchmarks.measure import measure_case, time_and_peak
+from benchmarks import grid
+from benchmarks.common import floor_ms, fmt, make_inputs
+from benchmarks.measure import time_and_peak
 
 IMPLS = ("torch", "triton", "plain")
 # The issue's shapes per device: (N, V, k, dtype).
@@ -73,7 +71,9 @@ def unavailable(impl, kind, device):
     return None
 
 
-def floor_bytes(n, vocab, k, dtype):
+def sparse_floor_bytes(n, vocab, k, dtype):
+    """Read the student once, write its gradient once, read the teacher's k int64 indices and
+    float32 log-probabilities."""
     size = getattr(torch, dtype).itemsize
     return n * vocab * 2 * size + n * k * (8 + 4)
 
@@ -94,24 +94,20 @@ def run_case(case: Case, repeats: int) -> dict:
     return dict(asdict(case), **result)
 
 
-def measure(case: Case, repeats: int) -> dict:
-    return measure_case(case, repeats, run_case, ("benchmarks.sparse_teacher", "--case"))
-
-
-def markdown(meta, records, bandwidth_gbs) -> str:
+def markdown(meta, records) -> str:
+    bandwidth_gbs = meta.get("copy_bandwidth_gbs")
     base = {r["kind"]: r for r in records if r["impl"] == "plain" and "error" not in r}
     plain = base.get("fkl")
     n, vocab, k, dtype = (records[0][x] for x in ("n", "vocab", "k", "dtype"))
-    floor_ms = (floor_bytes(n, vocab, k, dtype) / (bandwidth_gbs * 1e9) * 1e3
-                if bandwidth_gbs else None)
+    floor = floor_ms(sparse_floor_bytes(n, vocab, k, dtype), bandwidth_gbs)
     lines = [
         f"# Sparse teachers: {meta['device_name']}",
         "",
         f"torch {meta['torch']}, triton {meta['triton']}, {meta['date']}. N = {n}, V = {vocab}, "
         f"k = {k}, {dtype} student, float32 top-k teacher (bucket tail); forward+backward; "
         "peak memory above the inputs (gradient included). Ratios are to the plain PyTorch FKL "
-        "measured in the same run" + (f"; floor {fmt(floor_ms)} ms at {fmt(bandwidth_gbs)} GB/s"
-                                      if floor_ms else "") + ".",
+        "measured in the same run" + (f"; floor {fmt(floor)} ms at {fmt(bandwidth_gbs)} GB/s"
+                                      if floor else "") + ".",
         "",
         "| loss | implementation | fwd+bwd ms | plain / this (speed-up) | peak MiB "
         "| x plain memory | x floor | loss value |",
@@ -127,52 +123,16 @@ def markdown(meta, records, bandwidth_gbs) -> str:
         lines.append(
             f"| {r['kind']} | {r['impl']} | {fmt(t)} | {fmt(speedup)} "
             f"| {fmt(r['peak_extra_bytes'] / 2**20, 4)} | {fmt(memory)} "
-            f"| {fmt(t / floor_ms) if floor_ms else '-'} | {fmt(r['loss'], 5)} |")
+            f"| {fmt(t / floor) if floor else '-'} | {fmt(r['loss'], 5)} |")
     return "\n".join(lines) + "\n"
 
 
+GRID = grid.Grid("sparse_teacher", __doc__, Case, ("N", "V", "K"), DEFAULT_SHAPES, IMPLS, run_case,
+                 unavailable, markdown, kinds=("fkl", "akl"), floor=True)
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    parser.add_argument("--shape", type=int, nargs=3, metavar=("N", "V", "K"))
-    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"))
-    parser.add_argument("--kinds", nargs="+", default=["fkl", "akl"], choices=("fkl", "akl"))
-    parser.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS)
-    parser.add_argument("--repeats", type=int, default=3, help="CPU repeats (CUDA: adaptive)")
-    parser.add_argument("--out", default=None, help="directory (default benchmarks/results/"
-                        "local/<device>-sparse-teacher)")
-    parser.add_argument("--case", help=argparse.SUPPRESS)  # internal: one CPU case
-    args = parser.parse_args(argv)
-    if args.case:
-        fields, repeats = json.loads(args.case)
-        print(json.dumps(run_case(Case(**fields), repeats)))
-        return 0
-    device = args.device if args.device != "auto" else (
-        "cuda" if torch.cuda.is_available() else "cpu")
-    n, vocab, k, dtype = DEFAULT_SHAPES[device]
-    if args.shape:
-        n, vocab, k = args.shape
-    dtype = args.dtype or dtype
-    out = Path(args.out or f"benchmarks/results/local/{device}-sparse-teacher")
-    out.mkdir(parents=True, exist_ok=True)
-    meta = device_meta(device)
-    bandwidth = copy_bandwidth_gbs(device) if device == "cuda" else None
-    records = []
-    for kind in args.kinds:
-        for impl in args.impls:
-            why = unavailable(impl, kind, device)
-            if why:
-                print(f"skip {impl} {kind}: {why}", flush=True)
-                continue
-            record = measure(Case(impl, kind, n, vocab, k, dtype, device), args.repeats)
-            records.append(record)
-            print(json.dumps(record), flush=True)
-    if records:
-        (out / "sparse_teacher.json").write_text(
-            json.dumps(dict(meta=meta, copy_bandwidth_gbs=bandwidth, records=records), indent=1))
-        (out / "sparse_teacher.md").write_text(markdown(meta, records, bandwidth))
-        print((out / "sparse_teacher.md").read_text())
-    return 0 if records and all("error" not in r for r in records) else 1
+    return grid.main(GRID, argv)
 
 
 if __name__ == "__main__":

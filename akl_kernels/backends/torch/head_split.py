@@ -59,14 +59,6 @@ def crossing_digit(hist, above, thr):
     return digit, above + (at_or_above.gather(1, at) - hist.gather(1, at))[:, 0]
 
 
-class Threshold(NamedTuple):
-    key: torch.Tensor  # [R] the key v* of the crossing token (int64)
-    above: torch.Tensor  # [R] the mass of the keys above v*
-    rows: torch.Tensor  # the tokens keyed v*, as (row, column) in row-major order
-    columns: torch.Tensor
-    masses: torch.Tensor  # and their masses
-
-
 def chosen_prefix(chosen, digit, width):
     """The value of ``key* >> shift`` once a pass has chosen ``digit`` (``chosen`` the value
     before it, None at the top digit, which carries the sign: its bins start at the most
@@ -76,6 +68,63 @@ def chosen_prefix(chosen, digit, width):
     return (chosen << width) | digit
 
 
+class Passes(NamedTuple):
+    key: torch.Tensor  # [R] the key v* of the crossing token (int64)
+    above: torch.Tensor  # [R] the mass of the keys above v*
+    thr: torch.Tensor  # [R] the mass threshold
+    hist: torch.Tensor  # the last pass's histogram [R, 2**width]
+    digit: torch.Tensor  # and the digit it chose (v*'s lowest): hist[digit] is the mass at v*
+
+
+def radix_passes(plan, histogram, threshold) -> Passes:
+    """The passes of the radix select, whoever holds the tokens. ``histogram(shift, width,
+    chosen)`` returns one pass's [R, 2**width] float64 histogram of the digit ``key >> shift``
+    over the tokens still in the running: those with ``key >> (shift + width) == chosen``, every
+    token when ``chosen`` is None (the top digit). ``threshold(hist)`` gives the rows' mass
+    threshold from the first histogram, which holds every token's mass. One block of rows
+    (``threshold_key``) and the vocabulary shards, whose histograms are all-reduced
+    (``backends/torch/vocab_parallel.py``), run these same passes."""
+    chosen = thr = above = None
+    for shift, width in plan:
+        hist = histogram(shift, width, chosen)
+        if thr is None:
+            thr = threshold(hist)
+            above = torch.zeros_like(thr)
+        digit, above = crossing_digit(hist, above, thr)
+        chosen = chosen_prefix(chosen, digit, width)
+    return Passes(chosen, above, thr, hist, digit)
+
+
+class Threshold(NamedTuple):
+    key: torch.Tensor  # [R] the key v* of the crossing token (int64)
+    above: torch.Tensor  # [R] the mass of the keys above v*
+    rows: torch.Tensor  # the tokens keyed v*, as (row, column) in row-major order
+    columns: torch.Tensor
+    masses: torch.Tensor  # and their masses
+
+
+class RunningTokens(NamedTuple):
+    """Tokens of a block still in the running, 1-D: row, column, int64 key and mass (what a
+    pass after the top digit histograms)."""
+
+    rows: torch.Tensor
+    columns: torch.Tensor
+    keys: torch.Tensor
+    masses: torch.Tensor
+
+    @classmethod
+    def of_block(cls, keys, masses, chosen, shift):
+        """The tokens of [R, K] ``keys`` with ``keys >> shift == chosen`` (per row)."""
+        flat = ((keys >> shift) == chosen.to(keys.dtype)[:, None]).view(-1).nonzero()[:, 0]
+        return cls(flat // keys.shape[1], flat % keys.shape[1],
+                   keys.view(-1).index_select(0, flat).long(),
+                   masses.view(-1).index_select(0, flat))
+
+    def narrowed(self, chosen, shift):
+        keep = ((self.keys >> shift) == chosen[self.rows]).nonzero()[:, 0]
+        return RunningTokens(*(column[keep] for column in self))
+
+
 def threshold_key(keys, masses, thr, plan) -> Threshold:
     """Per row of [R, K] ``keys`` and float64 integer ``masses``: the key ``v*`` of the token
     whose cumulative mass (from the largest values down) first exceeds ``thr``, the mass of
@@ -83,28 +132,26 @@ def threshold_key(keys, masses, thr, plan) -> Threshold:
 
     The first digit's pass reads the whole block; each later one only the tokens still in the
     running (those whose higher digits equal the ones chosen): the same histograms for less
-    work. (Vocabulary shards run the same passes with each histogram all-reduced:
-    ``backends/torch/vocab_parallel.py``.)
+    work.
     """
     n_rows = keys.shape[0]
-    above = torch.zeros(n_rows, dtype=torch.float64, device=keys.device)
-    (shift, width), *rest = plan
-    hist = top_digit_histogram(keys, masses, shift, width)
-    digit, above = crossing_digit(hist, above, thr)
-    chosen = chosen_prefix(None, digit, width)
-    vocab = keys.shape[1]
-    flat = ((keys >> shift) == chosen.to(keys.dtype)[:, None]).view(-1).nonzero()[:, 0]
-    rows, columns = flat // vocab, flat % vocab
-    cand_keys = keys.view(-1).index_select(0, flat).long()
-    cand_masses = masses.view(-1).index_select(0, flat)
-    for shift, width in rest:
-        hist = digit_histogram(rows, cand_keys, cand_masses, shift, width, n_rows)
-        digit, above = crossing_digit(hist, above, thr)
-        chosen = chosen_prefix(chosen, digit, width)
-        keep = ((cand_keys >> shift) == chosen[rows]).nonzero()[:, 0]
-        rows, columns = rows[keep], columns[keep]
-        cand_keys, cand_masses = cand_keys[keep], cand_masses[keep]
-    return Threshold(chosen, above, rows, columns, cand_masses)
+    running = None
+
+    def narrow(chosen, shift):  # to the tokens with key >> shift == chosen
+        nonlocal running
+        running = (RunningTokens.of_block(keys, masses, chosen, shift) if running is None
+                   else running.narrowed(chosen, shift))
+        return running
+
+    def histogram(shift, width, chosen):
+        if chosen is None:
+            return top_digit_histogram(keys, masses, shift, width)
+        live = narrow(chosen, shift + width)
+        return digit_histogram(live.rows, live.keys, live.masses, shift, width, n_rows)
+
+    found = radix_passes(plan, histogram, lambda hist: thr)
+    at = narrow(found.key, 0)  # the tokens keyed v* itself
+    return Threshold(found.key, found.above, at.rows, at.columns, at.masses)
 
 
 def integer_masses(p: torch.Tensor) -> torch.Tensor:

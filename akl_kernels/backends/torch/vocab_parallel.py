@@ -127,14 +127,14 @@ class _SlicedHead:
         self.include_everything = cfg.mu >= 1.0  # c_k <= 1 for every k: all head
         if self.include_everything:
             return
-        n_rows, width = t2d.shape
-        plan = digit_plan(key_bits(t2d.dtype))
-        above = torch.zeros(n_rows, dtype=torch.float64, device=t2d.device)
-        chosen = thr = None
-        for k, (shift, bits) in enumerate(plan):
+        n_rows = t2d.shape[0]
+        counts = None  # the last pass's count of this rank's tokens per bin
+
+        def histogram(shift, bits, chosen):  # one pass over this slice, summed over the group
+            nonlocal counts
             hist = torch.zeros(n_rows, 1 << bits, dtype=torch.float64, device=t2d.device)
-            last = k == len(plan) - 1
-            counts = torch.zeros_like(hist) if last else None
+            if shift == 0:
+                counts = torch.zeros_like(hist)
             for r0, r1 in chunks(n_rows, rows_per_chunk):
                 keys = head_split.order_keys(t2d[r0:r1])
                 log_p = norms.log_p(t2d[r0:r1], slice(r0, r1), dtype, inv_t)
@@ -142,30 +142,30 @@ class _SlicedHead:
                 if chosen is None:  # the top digit: every token is in the running
                     hist[r0:r1] = head_split.top_digit_histogram(keys, masses, shift, bits)
                     continue
-                running = (keys >> (shift + bits)) == chosen[r0:r1, None].to(keys.dtype)
-                flat = running.view(-1).nonzero()[:, 0]
-                rows, cand = flat // width, keys.view(-1)[flat].long()
-                hist[r0:r1] = head_split.digit_histogram(rows, cand, masses.view(-1)[flat],
+                live = head_split.RunningTokens.of_block(keys, masses, chosen[r0:r1],
+                                                         shift + bits)
+                hist[r0:r1] = head_split.digit_histogram(live.rows, live.keys, live.masses,
                                                          shift, bits, r1 - r0)
-                if last:
+                if counts is not None:
                     counts[r0:r1] = head_split.digit_histogram(
-                        rows, cand, torch.ones_like(cand, dtype=torch.float64), shift, bits,
+                        live.rows, live.keys, torch.ones_like(live.masses), shift, bits,
                         r1 - r0)
-            all_reduce_(hist, "sum", group)
-            if thr is None:  # the first histogram holds every token: the rows' whole mass
-                thr = head_split.mass_threshold(hist.sum(dim=1), cfg.mu)
-            digit, above = head_split.crossing_digit(hist, above, thr)
-            chosen = head_split.chosen_prefix(chosen, digit, bits)
+            return all_reduce_(hist, "sum", group)
+
+        found = head_split.radix_passes(
+            digit_plan(key_bits(t2d.dtype)), histogram,
+            lambda hist: head_split.mass_threshold(hist.sum(dim=1), cfg.mu))
         # The tokens at v*: this rank's count per row, every rank's by the tie round.
         rank = torch.distributed.get_rank(group)
         ties = torch.zeros(n_rows, torch.distributed.get_world_size(group),
                            dtype=torch.float64, device=t2d.device)
-        ties[:, rank] = counts.gather(1, digit[:, None])[:, 0]
+        at = found.digit[:, None]
+        ties[:, rank] = counts.gather(1, at)[:, 0]
         all_reduce_(ties, "sum", group)
-        tied_mass = hist.gather(1, digit[:, None])[:, 0]
-        self.key = chosen
+        self.key = found.key
         self.before = ties[:, :rank].sum(dim=1)  # tied tokens in the slices before this one
-        self.fit = head_split.tied_head_size(thr, above, tied_mass, ties.sum(dim=1),
+        self.fit = head_split.tied_head_size(found.thr, found.above,
+                                             found.hist.gather(1, at)[:, 0], ties.sum(dim=1),
                                              cfg.include_crossing)
 
     def mask(self, rows, t_rows):

@@ -27,6 +27,7 @@ import importlib.util
 import itertools
 import json
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -121,6 +122,49 @@ def _same_inputs(a, b):
     return all(a[k] == b[k] for k in (*CONFIG, "kind"))
 
 
+TIMES = ("forward_ms", "forward_backward_ms")
+
+
+def interleaved(cases):
+    """The cases with every implementation of the same inputs back to back (priority order
+    within), for --rounds: a drift of the machine's speed then hits the cases a ratio pairs
+    alike."""
+    return sorted(cases, key=lambda c: tuple(getattr(c, k) for k in (*CONFIG, "kind")))
+
+
+def combine_rounds(records):
+    """One record per case from its records of every round (--rounds): each time the median
+    of the rounds', the rounds' times kept beside it (``forward_ms_rounds``, ...), the peak
+    memory the largest of the rounds'. A case measured once is kept as it is; a case that
+    failed in any round is its failure."""
+    by_case = {}
+    for r in records:
+        by_case.setdefault(Case(*(r[k] for k in Case.__dataclass_fields__)), []).append(r)
+    combined = []
+    for runs in by_case.values():
+        failed = next((r for r in runs if "error" in r), None)
+        if failed or len(runs) == 1:
+            combined.append(failed or runs[0])
+            continue
+        record = {k: v for k, v in runs[0].items() if k != "round"}
+        for key in TIMES:
+            record[f"{key}_rounds"] = [r[key] for r in runs]
+            record[key] = statistics.median(record[f"{key}_rounds"])
+        record["peak_extra_bytes"] = max(r["peak_extra_bytes"] for r in runs)
+        record["rounds"] = len(runs)
+        combined.append(record)
+    return combined
+
+
+def time_ratio(numerator, denominator, key="forward_backward_ms"):
+    """numerator's time over denominator's. Measured in rounds, the median of the per-round
+    ratios (each round times both cases close together), else the ratio of the times."""
+    a, b = numerator.get(f"{key}_rounds"), denominator.get(f"{key}_rounds")
+    if a and b and len(a) == len(b):
+        return statistics.median(x / y for x, y in zip(a, b, strict=True))
+    return numerator[key] / denominator[key]
+
+
 def annotate(records, bandwidth):
     """Add the floor and the ratios against the official-style reference on the same rows."""
     for r in records:
@@ -134,11 +178,11 @@ def annotate(records, bandwidth):
                     and "forward_backward_ms" in o
                     and all(o[k] == r[k] for k in ("n", "vocab", "dtype"))), None)
         if fkl:  # the same implementation's FKL on the same shape
-            r["x_own_fkl"] = r["forward_backward_ms"] / fkl["forward_backward_ms"]
+            r["x_own_fkl"] = time_ratio(r, fkl)
         official = next((o for o in records if o["impl"] == "official"
                          and "forward_backward_ms" in o and _same_inputs(o, r)), None)
         if official:
-            r["speedup_vs_official"] = official["forward_backward_ms"] / r["forward_backward_ms"]
+            r["speedup_vs_official"] = time_ratio(official, r)
             r["memory_vs_official"] = r["peak_extra_bytes"] / max(official["peak_extra_bytes"], 1)
 
 
@@ -161,7 +205,7 @@ def summary(records, device):
             other = next((o for o in measured if o["impl"] == peer and _same_inputs(o, lib)),
                          None)
             cells.append("-" if other is None else
-                         f"{other['forward_backward_ms'] / lib['forward_backward_ms']:.2f}x / "
+                         f"{time_ratio(other, lib):.2f}x / "
                          f"{lib['peak_extra_bytes'] / max(other['peak_extra_bytes'], 1):.2f}")
         if any(c != "-" for c in cells):
             lines.append(f"| {lib['kind']} | {lib['n']} | {lib['vocab']} | {lib['dtype']} "
@@ -182,6 +226,7 @@ def markdown(meta, records, skipped, parity_lines, command):
                   f"{resumed['cases_kept']} cases measured by then.")
         resumed = resumed.get("earlier")
     lines = [f"# Benchmark report: {meta['device_name']}", "", where]
+    rounds = meta["args"].get("rounds", 1)
     if meta.get("copy_bandwidth_gbs"):
         lines += ["", f"Copy bandwidth measured in this run: {meta['copy_bandwidth_gbs']:.0f} GB/s "
                   "(bytes read + written). Floor = N*V*(2*bytes(s) + bytes(t)) / that bandwidth "
@@ -190,6 +235,10 @@ def markdown(meta, records, skipped, parity_lines, command):
         "", "Times: median after a warm-up call "
         + ("(CUDA events, at least 5 repeats)" if meta["device"] == "cuda"
            else f"(wall clock, {records[0].get('repeats', '?') if records else '?'} repeats)")
+        + (f", in {rounds} rounds: each time the median of the rounds' medians, each ratio the "
+           "median of the rounds' ratios, each peak the largest of the rounds' (the cases of "
+           "the same inputs ran back to back, in the reverse order every other round)"
+           if rounds > 1 else "")
         + "; forward builds the autograd graph as in training. Peak: memory above the two "
         "inputs, the gradient included, "
         + ("`torch.cuda.max_memory_allocated`." if meta["device"] == "cuda"
@@ -310,6 +359,10 @@ def parse_args(argv):
     parser.add_argument("--compile-losses", nargs="+", default=list(KINDS), choices=KINDS,
                         help="losses for which official+compile runs (compiling takes time)")
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats per case on CPU")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="measure the whole grid this many times, the cases of the same "
+                        "inputs back to back, and pair the ratios round by round (for a "
+                        "machine whose speed drifts, e.g. a shared CPU)")
     parser.add_argument("--budget-s", type=float, default=None,
                         help="start no new case after this many seconds (the rest is listed)")
     parser.add_argument("--quick", action="store_true", help="a small grid (CPU: under a minute)")
@@ -370,14 +423,20 @@ def main(argv=None):
                                cases_kept=len(records),
                                earlier=earlier["meta"].get("resumed"))
     json_path = args.out / f"bench_{device}.json"
-    for case in tqdm(cases, desc=f"benchmarks on {meta['device_name']}", unit="case"):
+    if args.rounds > 1:
+        cases = interleaved(cases)
+    schedule = [(r, case) for r in range(args.rounds)
+                for case in (cases if r % 2 == 0 else cases[::-1])]
+    for r, case in tqdm(schedule, desc=f"benchmarks on {meta['device_name']}", unit="case"):
         if time.time() > deadline:
-            skipped.append(dict(vars(case), skipped="time budget (--budget-s) spent"))
+            if r == 0:
+                skipped.append(dict(vars(case), skipped="time budget (--budget-s) spent"))
             continue
-        records.append(measure(case, args.repeats) | {"measured_at": time.strftime(
+        records.append(measure(case, args.repeats) | {"round": r, "measured_at": time.strftime(
             "%Y-%m-%d %H:%M:%S UTC", time.gmtime())})
         json_path.write_text(json.dumps(dict(meta=meta, records=records, skipped=skipped),
                                         indent=1))
+    records = combine_rounds(records)
     annotate(records, bandwidth)
     result = dict(meta=meta, records=records, skipped=skipped, parity=parity_lines,
                   command=command)

@@ -3,6 +3,7 @@
 import itertools
 import json
 import os
+import statistics
 import subprocess
 import sys
 
@@ -57,6 +58,43 @@ def test_cli_measures_every_implementation_on_the_same_inputs(tmp_path):
     resumed = json.loads((tmp_path / "bench_cpu.json").read_text())
     assert resumed["meta"]["resumed"]["cases_kept"] == len(records)
     assert [r["forward_ms"] for r in resumed["records"]] == [r["forward_ms"] for r in records]
+
+
+def test_rounds_pair_the_ratios_round_by_round(tmp_path):
+    """--rounds 3: each case measured three times (fresh processes), the cases of the same
+    inputs back to back; the record's times are the medians of its rounds', and the ratios
+    the medians of the per-round ratios."""
+    _run(["-m", "benchmarks", "--device", "cpu", "--n", "24", "--vocab", "1003", "--repeats",
+          "1", "--rounds", "3", "--impls", "torch", "official", "kl_div", "--losses", "fkl",
+          "--dtypes", "float32", "--teachers", "flat", "--no-parity", "--no-plot", "--out",
+          str(tmp_path)])
+    result = json.loads((tmp_path / "bench_cpu.json").read_text())
+    by_impl = {r["impl"]: r for r in result["records"]}
+    assert sorted(by_impl) == ["kl_div", "official", "torch"]
+    for r in by_impl.values():
+        assert r["rounds"] == 3 and len(r["forward_backward_ms_rounds"]) == 3
+        assert r["forward_backward_ms"] == statistics.median(r["forward_backward_ms_rounds"])
+    mine, official = by_impl["torch"], by_impl["official"]
+    assert mine["speedup_vs_official"] == pytest.approx(statistics.median(
+        o / m for o, m in zip(official["forward_backward_ms_rounds"],
+                              mine["forward_backward_ms_rounds"], strict=True)))
+    assert "in 3 rounds" in (tmp_path / "bench_cpu.md").read_text()
+
+
+def test_time_ratio_is_the_median_of_the_rounds_ratios():
+    drifting = {"forward_backward_ms": 20.0, "forward_backward_ms_rounds": [10.0, 20.0, 40.0]}
+    other = {"forward_backward_ms": 30.0, "forward_backward_ms_rounds": [20.0, 40.0, 30.0]}
+    assert cli.time_ratio(drifting, other) == pytest.approx(0.5)  # not 20 / 30
+    assert cli.time_ratio({"forward_backward_ms": 2.0}, other) == pytest.approx(2.0 / 30.0)
+    runs = [dict(vars(Case("torch", "fkl", 8, 100, "float32", "flat", "cpu")), round=r,
+                 forward_ms=f, forward_backward_ms=2 * f, peak_extra_bytes=p)
+            for r, (f, p) in enumerate([(3.0, 10), (1.0, 30), (2.0, 20)])]
+    (combined,) = cli.combine_rounds(runs)
+    assert combined["forward_ms"] == 2.0 and combined["forward_backward_ms"] == 4.0
+    assert combined["forward_ms_rounds"] == [3.0, 1.0, 2.0]
+    assert combined["peak_extra_bytes"] == 30 and "round" not in combined
+    failed = cli.combine_rounds([runs[0], dict(runs[1], error="boom")])
+    assert [r.get("error") for r in failed] == ["boom"]
 
 
 def test_quick_mode_is_the_small_grid(tmp_path):

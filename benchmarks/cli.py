@@ -143,10 +143,10 @@ def combine_rounds(records):
     combined = []
     for runs in by_case.values():
         failed = next((r for r in runs if "error" in r), None)
+        record = {k: v for k, v in (failed or runs[0]).items() if k != "round"}
         if failed or len(runs) == 1:
-            combined.append(failed or runs[0])
+            combined.append(record)
             continue
-        record = {k: v for k, v in runs[0].items() if k != "round"}
         for key in TIMES:
             record[f"{key}_rounds"] = [r[key] for r in runs]
             record[key] = statistics.median(record[f"{key}_rounds"])

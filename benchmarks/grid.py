@@ -34,6 +34,9 @@ class Grid:
     kinds: tuple[str, ...] | None = None  # the losses it can measure (None: every divergence)
     floor: bool = False  # measure the copy bandwidth on CUDA (meta["copy_bandwidth_gbs"])
 
+    def default_out(self, device: str) -> str:
+        return f"benchmarks/results/local/{device}-{self.name.replace('_', '-')}"
+
     def measure(self, case, repeats: int) -> dict:
         return measure_case(case, repeats, self.run_case, (f"benchmarks.{self.name}", "--case"))
 
@@ -46,8 +49,8 @@ def parse_args(grid: Grid, argv):
     parser.add_argument("--kinds", nargs="+", default=["fkl", "akl"], choices=grid.kinds)
     parser.add_argument("--impls", nargs="+", default=list(grid.impls), choices=grid.impls)
     parser.add_argument("--repeats", type=int, default=3, help="CPU repeats (CUDA: adaptive)")
-    parser.add_argument("--out", default=None, help="directory (default benchmarks/results/"
-                        f"local/<device>-{grid.name.replace('_', '-')})")
+    parser.add_argument("--out", default=None,
+                        help=f"directory (default {grid.default_out('<device>')})")
     parser.add_argument("--case", help=argparse.SUPPRESS)  # internal: one CPU case
     return parser.parse_args(argv)
 
@@ -64,7 +67,7 @@ def main(grid: Grid, argv=None) -> int:
     *shape, dtype = grid.default_shapes[device]
     shape = args.shape or shape
     dtype = args.dtype or dtype
-    out = Path(args.out or f"benchmarks/results/local/{device}-{grid.name.replace('_', '-')}")
+    out = Path(args.out or grid.default_out(device))
     out.mkdir(parents=True, exist_ok=True)
     meta = device_meta(device)
     if grid.floor:
